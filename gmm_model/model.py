@@ -1,10 +1,12 @@
 """GMM: frozen vision encoder -> trained projection -> frozen causal LLM that writes the class name.
 
 Shapes: visual tokens (B, T, Dv) -> projected (B, T, H) -> placed in the prompt
-    [prefix text | T image tokens | question text] [answer: template, " label", ".", eos]
-The loss is next-token cross-entropy on the answer tokens only. Prediction either generates freely
-(the paper; a matcher maps the text to a class) or walks a trie of the seen class names so every
-answer is a valid class (beyond the paper; faster too, because the template is teacher-forced).
+    [prefix text (question)] [T image tokens] [suffix text] [answer: template, " label", ".", eos]
+The prefix is identical for every sample and never sees the image, so its keys/values are computed
+once and shared by every batch (training and decoding). The loss is next-token cross-entropy on the
+answer tokens only. Prediction either generates freely (the paper; a matcher maps the text to a
+class) or walks a trie of the seen class names so every answer is a valid class (beyond the paper;
+faster too, because the template is teacher-forced).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache
 
 from .label_trie import LabelTrie
 from .projection import Projection
@@ -34,52 +37,74 @@ class GMM(nn.Module):
         self.llm, self.projection = llm, projection
         self.tokens = PromptTokens(tokenizer, prompt)
         self.tokenizer = tokenizer
+        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # ---- inputs -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
     def _embed_ids(self, ids: list[int], batch: int) -> torch.Tensor:
         table = self.llm.get_input_embeddings()
-        return table(torch.tensor(ids, dtype=torch.long, device=table.weight.device)).expand(batch, -1, -1)
+        return table(torch.tensor(ids, dtype=torch.long, device=self.device)).expand(batch, -1, -1)
 
-    def prompt_embeds(self, visual: torch.Tensor) -> torch.Tensor:
-        """(B, T, Dv) visual tokens -> (B, L, H) prompt embeddings; L is the same for every sample."""
-        batch = visual.shape[0]
-        image = self.projection(visual.to(self.projection.weight.dtype))
-        parts = [self._embed_ids(self.tokens.prefix, batch), image, self._embed_ids(self.tokens.question, batch)]
-        dtype = self.llm.get_input_embeddings().weight.dtype
-        return torch.cat([p.to(dtype) for p in parts], dim=1)
+    def prefix_cache(self, batch: int) -> DynamicCache | None:
+        """A fresh KV cache holding the shared text prefix, expanded to `batch` (no copy)."""
+        if not self.tokens.prefix:
+            return None
+        if self._prefix_kv is None:
+            with torch.no_grad():
+                out = self.llm(input_ids=torch.tensor([self.tokens.prefix], device=self.device), use_cache=True)
+            self._prefix_kv = [(layer[0], layer[1]) for layer in out.cache]
+        return DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+                                            for k, v in self._prefix_kv], config=self.llm.config)
+
+    def image_embeds(self, visual: torch.Tensor) -> torch.Tensor:
+        """(B, T, Dv) visual tokens -> (B, T + len(suffix), H): what follows the cached prefix."""
+        image = self.projection(visual.to(self.device, next(self.projection.parameters()).dtype))
+        suffix = self._embed_ids(self.tokens.suffix, visual.shape[0])
+        return torch.cat([image.to(suffix.dtype), suffix], dim=1)
 
     # ---- training -----------------------------------------------------------------------------
     def loss(self, visual: torch.Tensor, class_names: list[str]) -> torch.Tensor:
-        """Mean next-token cross-entropy over the answer tokens; prompt and image positions are masked."""
-        prompt = self.prompt_embeds(visual)
+        """Mean next-token cross-entropy over the answer tokens; prompt and image positions are masked.
+
+        Answers are right-padded; under causal attention no real token attends to a pad after it,
+        so no attention mask is needed.
+        """
+        prompt = self.image_embeds(visual)
         batch, prompt_len, _ = prompt.shape
         answers = [self.tokens.answer(name) for name in class_names]
         width = max(map(len, answers))
         pad = self.tokenizer.pad_token_id
-        answer_ids = torch.tensor([a + [pad] * (width - len(a)) for a in answers], device=prompt.device)
-        targets = torch.tensor([a + [IGNORE] * (width - len(a)) for a in answers], device=prompt.device)
+        answer_ids = torch.tensor([a + [pad] * (width - len(a)) for a in answers], device=self.device)
+        targets = torch.tensor([a + [IGNORE] * (width - len(a)) for a in answers], device=self.device)
         inputs = torch.cat([prompt, self.llm.get_input_embeddings()(answer_ids)], dim=1)
-        mask = torch.cat([torch.ones(batch, prompt_len, dtype=torch.long, device=prompt.device),
-                          (targets != IGNORE).long()], dim=1)
-        hidden = self.llm.base_model(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
-        # the token at position prompt_len + j is predicted from position prompt_len + j - 1
+        hidden = self.llm.base_model(inputs_embeds=inputs, cache=self.prefix_cache(batch)).last_hidden_state
+        # answer token j (at position prompt_len + j) is predicted from position prompt_len + j - 1
         logits = self.llm.get_output_embeddings()(hidden[:, prompt_len - 1: prompt_len - 1 + width])
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
     # ---- prediction ---------------------------------------------------------------------------
+    def _start(self, embeds: torch.Tensor):
+        return self.llm(inputs_embeds=embeds, cache=self.prefix_cache(embeds.shape[0]), use_cache=True,
+                        logits_to_keep=1)
+
+    def _step(self, tokens: torch.Tensor, cache):
+        return self.llm(input_ids=tokens[:, None].to(self.device), cache=cache, use_cache=True, logits_to_keep=1)
+
     @torch.no_grad()
     def generate(self, visual: torch.Tensor, max_new_tokens: int = 24) -> list[str]:
         """Greedy free generation; each sample stops at its own end-of-sequence token."""
-        out = self.llm(inputs_embeds=self.prompt_embeds(visual), use_cache=True, logits_to_keep=1)
-        finished = torch.zeros(visual.shape[0], dtype=torch.bool, device=visual.device)
+        out = self._start(self.image_embeds(visual))
+        finished = torch.zeros(visual.shape[0], dtype=torch.bool, device=self.device)
         steps = []
         for _ in range(max_new_tokens):
             token, finished = greedy_step(out.logits[:, -1], finished, self.tokens.eos, self.tokenizer.pad_token_id)
             steps.append(token)
             if finished.all():
                 break
-            out = self.llm(input_ids=token[:, None], cache=out.cache, use_cache=True,
-                           logits_to_keep=1)
+            out = self._step(token, out.cache)
         generated = torch.stack(steps, dim=1).tolist()
         return [self.tokenizer.decode(cut_at_eos(ids, self.tokens.eos), skip_special_tokens=True) for ids in generated]
 
@@ -90,11 +115,9 @@ class GMM(nn.Module):
     def decode_constrained(self, visual: torch.Tensor, trie: LabelTrie) -> ConstrainedPrediction:
         """Teacher-force the template, then walk the trie greedily until each sample's class is unique."""
         batch = visual.shape[0]
-        prefix = torch.cat([self.prompt_embeds(visual), self._embed_ids(self.tokens.template, batch)], dim=1)
-        out = self.llm(inputs_embeds=prefix, use_cache=True, logits_to_keep=1)
-        log_probs = out.logits[:, -1].float().log_softmax(-1)
-        first_tokens = torch.tensor(_first_tokens(trie), device=log_probs.device)
-        first = log_probs[:, first_tokens]
+        out = self._start(torch.cat([self.image_embeds(visual), self._embed_ids(self.tokens.template, batch)], 1))
+        log_probs = out.logits[:, -1].float().log_softmax(-1).cpu()
+        first = log_probs[:, torch.tensor(first_tokens(trie))]
         nodes = [trie.root] * batch
         result = torch.full((batch,), -1, dtype=torch.long)
         score = torch.zeros(batch)
@@ -104,21 +127,20 @@ class GMM(nn.Module):
                 if result[b] >= 0:
                     continue
                 allowed = list(node.children)
-                best = int(log_probs[b, allowed].argmax())
-                chosen[b] = allowed[best]
-                score[b] += float(log_probs[b, allowed[best]])
-                nodes[b] = node.children[allowed[best]]
+                best = allowed[int(log_probs[b, allowed].argmax())]
+                chosen[b], score[b] = best, score[b] + log_probs[b, best]
+                nodes[b] = node.children[best]
                 resolved = LabelTrie.resolved(nodes[b])
                 if resolved is not None:
                     result[b] = resolved
             if bool((result >= 0).all()):
-                return ConstrainedPrediction(result, score, first.cpu())
-            out = self.llm(input_ids=chosen[:, None].to(prefix.device), cache=out.cache,
-                           use_cache=True, logits_to_keep=1)
-            log_probs = out.logits[:, -1].float().log_softmax(-1)
+                return ConstrainedPrediction(result, score, first)
+            out = self._step(chosen, out.cache)
+            log_probs = out.logits[:, -1].float().log_softmax(-1).cpu()
 
 
-def _first_tokens(trie: LabelTrie) -> list[int]:
+def first_tokens(trie: LabelTrie) -> list[int]:
+    """The first name token of every class, in class order."""
     first = [0] * len(trie.root.classes)
     for token, child in trie.root.children.items():
         for c in child.classes:

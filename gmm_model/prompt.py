@@ -21,10 +21,15 @@ def normalise_class_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class PromptFormat:
-    """The text around the visual tokens and the answer template (the paper's defaults)."""
+    """The text around the visual tokens and the answer template (the paper's question and answer).
 
-    prefix: str = "Image:"
-    question: str = "\nWhat is this photo of?\n"
+    The question sits before the image: text that precedes the image is the same for every sample,
+    so its keys and values are computed once and reused, and only the image, `suffix` and answer
+    tokens cost compute per sample.
+    """
+
+    prefix: str = "What is this photo of? Image:"
+    suffix: str = "\n"
     answer_template: str = "This is a photo of a"
     terminator: str = "."
 
@@ -38,7 +43,7 @@ class PromptTokens:
 
         self.tokenizer, self.format = tokenizer, fmt
         self.prefix = ids(fmt.prefix)
-        self.question = ids(fmt.question)
+        self.suffix = ids(fmt.suffix)
         self.template = ids(fmt.answer_template)
         self.terminator = ids(fmt.terminator)
         self.eos = tokenizer.eos_token_id

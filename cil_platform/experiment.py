@@ -1,0 +1,167 @@
+"""One class-incremental experiment, top to bottom (the data flow of shared/DESIGN.md).
+
+classes -> stage-1 aligned projection (disjoint classes) -> scenario -> cached frozen features ->
+for each task: Ray Train fit of the projection (with replay) -> publish to the projection store ->
+evaluate on all seen classes -> update the replay memory and the baselines -> report.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import ray
+
+from gmm_model import create_encoder
+
+from .alignment import AlignedProjection, alignment_classes, default_aligned_path, read_aligned, write_aligned
+from .baselines import make_baseline
+from .config import REPO_ROOT, ExperimentConfig
+from .datasets import dataset_class_names, load_dataset
+from .evaluation import EvaluatorPool
+from .features import FeatureCache, FeatureTable, extract_features
+from .metrics import CLMetrics, evaluate_task
+from .replay import make_memory
+from .report import format_table, write_report
+from .scenario import ClassIncremental
+from .store import ProjectionStore
+from .training import train_task
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to `address` / $RAY_ADDRESS (e.g. under `ray job submit`), or start Ray locally."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_USAGE_STATS_ENABLED": "0"}},
+                 include_dashboard=False, logging_level=logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def features_for(cfg: ExperimentConfig, classes: list[str], **dataset_overrides) -> tuple[FeatureTable, FeatureTable]:
+    splits = load_dataset(cfg.dataset.model_copy(update=dataset_overrides), classes=classes)
+    encoder_identity = create_encoder(cfg.stack).identity
+    cache = FeatureCache(str(Path(cfg.cache_dir) / "features"), encoder_identity)
+    return (extract_features(splits.train, cfg.stack, cache, actors=cfg.eval.actors),
+            extract_features(splits.test, cfg.stack, cache, actors=cfg.eval.actors))
+
+
+def resolve_alignment(cfg: ExperimentConfig, class_names: list[str], visual_width: int) -> AlignedProjection | None:
+    """The configured, shipped or cached aligned projection; built (one Ray Train fit) when absent."""
+    if not cfg.alignment.enabled:
+        return None
+    if cfg.alignment.projection:
+        return read_aligned(cfg.alignment.projection)
+    shipped, cached = default_aligned_path(cfg.stack, cfg.cache_dir)
+    for path in (shipped, cached):
+        if path.is_file():
+            return read_aligned(str(path))
+    log.warning("no aligned projection for stack %s; building it (stage 1)", cfg.stack.fingerprint)
+    aligned = build_alignment(cfg, class_names, visual_width)
+    write_aligned(str(cached), aligned.weights, aligned.classes, cfg.stack, "built on first use")
+    return read_aligned(str(cached))
+
+
+def build_alignment(cfg: ExperimentConfig, class_names: list[str], visual_width: int) -> AlignedProjection:
+    align = cfg.alignment
+    classes = alignment_classes(class_names, align.num_classes, align.class_seed,
+                                reserved=set(cfg.scenario.class_order or []))
+    train, _ = features_for(cfg, classes, train_per_class=align.train_per_class, test_per_class=1)
+    train_cfg = cfg.train.model_copy(update={"epochs": align.epochs, "lr": align.lr})
+    result = train_task(-1, train, None, None, cfg.stack, visual_width, cfg.cache_dir, train_cfg, 0.0,
+                        str(Path(cfg.output_dir, "ray_train").resolve()), cfg.seed)
+    return AlignedProjection(result.projection, classes, "stage-1")
+
+
+def run_experiment(cfg: ExperimentConfig) -> dict:
+    started = time.perf_counter()
+    init_ray(cfg.ray_address)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    visual_width = create_encoder(cfg.stack).width
+    all_classes = dataset_class_names(cfg.dataset)
+    aligned = resolve_alignment(cfg, all_classes, visual_width)
+    held_out = set(aligned.classes) if aligned else set()
+    if cfg.scenario.class_order and held_out & set(cfg.scenario.class_order):
+        raise ValueError(f"scenario classes overlap the alignment classes: {sorted(held_out & set(cfg.scenario.class_order))}")
+    scenario = ClassIncremental([c for c in all_classes if c not in held_out], cfg.scenario.initial,
+                                cfg.scenario.increment, cfg.scenario.num_classes, cfg.scenario.order_seed,
+                                cfg.scenario.class_order)
+    train, test = features_for(cfg, scenario.class_order)
+    print(f"{scenario.name}: {len(scenario)} tasks, {len(train)} train / {len(test)} test images, "
+          f"skipped {dict(train.skipped + test.skipped) or 0}; features ready at {time.perf_counter() - started:.0f}s",
+          flush=True)
+
+    store = ProjectionStore(cfg.store_url)
+    memory = make_memory(cfg.replay.mode, cfg.replay.budget, cfg.replay.selection, cfg.seed)
+    baselines = [make_baseline(name, cfg.seed) for name in cfg.baselines]
+    gmm_name = f"gmm[{cfg.replay.mode},{cfg.eval.decode}]"
+    rows = {name: {"task_acc": [], "overall": [], "seconds": 0.0} for name in [gmm_name, *cfg.baselines]}
+    evaluators = EvaluatorPool(cfg.eval.actors, cfg.stack, visual_width, cfg.cache_dir, cfg.eval.decode,
+                               cfg.eval.batch_size)
+    projection = aligned.weights if aligned else None
+    storage = str(Path(cfg.output_dir, "ray_train").resolve())
+    tasks = []
+    try:
+        for task in scenario:
+            tasks.append(task)
+            seen = list(task.seen_classes)
+            task_train, seen_test = train.select(task.new_classes), test.select(seen)
+            if len(task_train) == 0:
+                raise ValueError(f"task {task.index} has no training images for classes {list(task.new_classes)}")
+            t0 = time.perf_counter()
+            trained = train_task(task.index, task_train, projection, memory.payload(), cfg.stack, visual_width,
+                                 cfg.cache_dir, cfg.train, cfg.replay.ratio if cfg.replay.mode != "none" else 0.0,
+                                 storage, cfg.seed)
+            projection = trained.projection
+            store.publish(task.index, projection, seen, cfg.stack.fingerprint,
+                          extra={"experiment": cfg.name, "replay": cfg.replay.mode})
+            t1 = time.perf_counter()
+            predicted = evaluators.predict(projection, seen_test, seen)
+            acc_row, overall = evaluate_task(predicted, list(seen_test.labels), tasks)
+            t2 = time.perf_counter()
+            store.annotate(task.index, {"accuracy": overall, "task_accuracy": acc_row})
+            memory.update(task_train)
+            _record(rows[gmm_name], acc_row, overall, time.perf_counter() - t0)
+            line = [f"task {task.index + 1}/{len(scenario)}: gmm {overall:.1%} (train {t1 - t0:.0f}s, "
+                    f"loss {trained.loss:.3f}, eval {t2 - t1:.0f}s)"]
+            for baseline in baselines:
+                b0 = time.perf_counter()
+                baseline.learn(task_train, seen)
+                b_row, b_overall = evaluate_task(baseline.predict(seen_test, seen), list(seen_test.labels), tasks)
+                _record(rows[baseline.name], b_row, b_overall, time.perf_counter() - b0)
+                line.append(f"{baseline.name} {b_overall:.1%}")
+            print(" | ".join(line), f"[{time.perf_counter() - started:.0f}s]", flush=True)
+    finally:
+        evaluators.close()
+
+    rows[gmm_name]["memory_bytes"] = memory.nbytes
+    for baseline in baselines:
+        rows[baseline.name]["memory_bytes"] = baseline.memory_bytes
+    for row in rows.values():
+        row["metrics"] = CLMetrics.from_matrix(row["task_acc"], row["overall"]).summary()
+    results = {
+        "title": f"{cfg.name}: {scenario.name} on {len(scenario.class_order)} classes",
+        "config": cfg.model_dump(mode="json"),
+        "scenario": {"name": scenario.name, "class_order": scenario.class_order},
+        "alignment": {"origin": aligned.origin, "classes": len(aligned.classes)} if aligned else None,
+        "skipped_images": dict(train.skipped + test.skipped),
+        "methods": rows,
+        "seconds": time.perf_counter() - started,
+    }
+    paths = write_report(str(out), results)
+    print(format_table(results))
+    print(f"wrote {', '.join(paths.values())} in {results['seconds']:.0f}s")
+    return results
+
+
+def _record(row: dict, acc_row: list[float], overall: float, seconds: float) -> None:
+    row["task_acc"].append(acc_row)
+    row["overall"].append(overall)
+    row["seconds"] += seconds

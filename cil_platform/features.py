@@ -1,0 +1,127 @@
+"""Frozen-encoder features, computed once per image with Ray Data and cached on any fsspec URL.
+
+Entries are keyed by (image content hash, encoder identity): the identity names weights, input size
+and pooling, so a change to any of them is a cache miss rather than a silent reuse. Each extraction
+writes one new shard atomically (temp file + rename locally, a single put on object stores); a
+half-written shard is never listed because only `*.safetensors` names are read.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+import ray
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
+
+from gmm_model import ModelStack, create_encoder
+
+from .datasets import LabelledImages
+from .fsio import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FeatureTable:
+    """Encoder tokens of a set of images: features (N, T, D) float16, labels and content keys."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    keys: np.ndarray
+    skipped: Counter = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, classes) -> "FeatureTable":
+        mask = np.isin(self.labels, list(classes))
+        return FeatureTable(self.features[mask], self.labels[mask], self.keys[mask])
+
+
+class FeatureCache:
+    def __init__(self, url: str, encoder_identity: str, storage_options: dict | None = None):
+        self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        digest = hashlib.sha256(encoder_identity.encode()).hexdigest()[:16]
+        self.dir = f"{root.rstrip('/')}/{digest}"
+        self.encoder_identity = encoder_identity
+
+    def _shards(self) -> list[str]:
+        if not self.fs.exists(self.dir):
+            return []
+        return sorted(p for p in self.fs.ls(self.dir, detail=False) if p.endswith(".safetensors"))
+
+    def load_all(self) -> dict[str, np.ndarray]:
+        """key -> (T, D) features, over every shard."""
+        table: dict[str, np.ndarray] = {}
+        for shard in self._shards():
+            tensors = load_tensors(self.fs.cat_file(shard))
+            keys = [bytes(k).hex() for k in tensors["keys"]]
+            table.update(zip(keys, tensors["features"]))
+        return table
+
+    def add(self, keys: list[str], features: np.ndarray) -> None:
+        if not keys:
+            return
+        blob = save_tensors({"keys": np.stack([np.frombuffer(bytes.fromhex(k), dtype=np.uint8) for k in keys]),
+                             "features": np.ascontiguousarray(features, dtype=np.float16)},
+                            metadata={"encoder": self.encoder_identity})
+        self.fs.makedirs(self.dir, exist_ok=True)
+        atomic_write_bytes(self.fs, f"{self.dir}/shard-{uuid.uuid4().hex}.safetensors", blob)
+
+
+class EncodeBatch:
+    """Ray Data actor: runs the frozen encoder on rows whose features are not cached yet."""
+
+    def __init__(self, stack: ModelStack, cached: frozenset[str], threads: int = 1):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.encoder = create_encoder(stack).eval()
+        self.cached = cached
+        self.shape = (self.encoder.num_tokens, self.encoder.width)
+
+    def __call__(self, batch: dict) -> dict:
+        todo = [i for i, (k, e) in enumerate(zip(batch["key"], batch["error"])) if not e and k not in self.cached]
+        features = np.zeros((len(batch["key"]), *self.shape), dtype=np.float16)
+        if todo:
+            images = [np.asarray(batch["image"][i]) for i in todo]
+            features[todo] = self.encoder.encode(images).numpy().astype(np.float16)
+        computed = np.zeros(len(batch["key"]), dtype=bool)
+        computed[todo] = True
+        return {"key": batch["key"], "label": batch["label"], "error": batch["error"],
+                "computed": computed, "features": features}
+
+
+def extract_features(images: LabelledImages, stack: ModelStack, cache: FeatureCache,
+                     actors: int = 2, batch_size: int = 64) -> FeatureTable:
+    """Features for every decodable image; rows with an error are dropped and counted by reason."""
+    stored = cache.load_all()
+    encoded = images.dataset.map_batches(
+        EncodeBatch, fn_constructor_kwargs={"stack": stack, "cached": frozenset(stored)},
+        compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, batch_format="numpy")
+    keys, labels, skipped = [], [], Counter()
+    new_keys, new_features = [], []
+    for batch in encoded.iter_batches(batch_size=1024, batch_format="numpy"):
+        for i, (key, label, error) in enumerate(zip(batch["key"], batch["label"], batch["error"])):
+            if error:
+                skipped[str(error).split(":")[0]] += 1
+                continue
+            keys.append(str(key))
+            labels.append(str(label))
+            if batch["computed"][i]:
+                new_keys.append(str(key))
+                new_features.append(batch["features"][i])
+    if new_keys:
+        cache.add(new_keys, np.stack(new_features))
+        stored.update(zip(new_keys, new_features))
+    if skipped:
+        log.warning("skipped %d unreadable images: %s", sum(skipped.values()), dict(skipped))
+    log.info("features: %d images, %d computed, %d from cache", len(keys), len(new_keys), len(keys) - len(new_keys))
+    features = np.stack([stored[k] for k in keys]) if keys else np.zeros((0, 0, 0), np.float16)
+    return FeatureTable(features, np.asarray(labels, dtype=object), np.asarray(keys, dtype=object), skipped)

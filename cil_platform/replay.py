@@ -1,0 +1,129 @@
+"""Forgetting control: what a task's training may replay of the classes it no longer has images of.
+
+- none: the paper's exemplar-free form; only the new task's images.
+- pseudo: per-class, per-token Gaussian statistics (mean, std) of the cached features; replayed
+  samples are drawn from them. No image or feature of an old class is kept.
+- exemplar: a fixed total budget of real cached feature sets, chosen per class by herding
+  (iCaRL) or at random, shrunk evenly as classes arrive.
+A memory hands the training workers a `payload` (plain numpy arrays) and `sample_replay` draws from it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .features import FeatureTable
+
+
+def pooled(features: np.ndarray) -> np.ndarray:
+    """(N, T, D) tokens -> (N, T*D) float32 vectors; what the baselines and herding compare."""
+    return features.reshape(len(features), -1).astype(np.float32)
+
+
+class NoReplay:
+    mode = "none"
+
+    def update(self, task: FeatureTable) -> None:
+        pass
+
+    def payload(self) -> dict | None:
+        return None
+
+    @property
+    def nbytes(self) -> int:
+        return 0
+
+
+class PseudoFeatureReplay:
+    mode = "pseudo"
+
+    def __init__(self) -> None:
+        self.stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def update(self, task: FeatureTable) -> None:
+        for name in dict.fromkeys(task.labels):
+            feats = task.features[task.labels == name].astype(np.float32)
+            self.stats[str(name)] = (feats.mean(0), feats.std(0))
+
+    def payload(self) -> dict | None:
+        if not self.stats:
+            return None
+        names = list(self.stats)
+        return {"mode": "pseudo", "classes": names,
+                "mean": np.stack([self.stats[n][0] for n in names]),
+                "std": np.stack([self.stats[n][1] for n in names])}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes + s.nbytes for m, s in self.stats.values())
+
+
+class ExemplarMemory:
+    mode = "exemplar"
+
+    def __init__(self, budget: int, selection: str = "herding", seed: int = 0):
+        self.budget, self.selection = budget, selection
+        self.rng = np.random.default_rng(seed)
+        self.per_class: dict[str, np.ndarray] = {}  # class -> (m, T, D) float16, in selection order
+
+    def update(self, task: FeatureTable) -> None:
+        names = [str(n) for n in dict.fromkeys(task.labels)]
+        quota = max(1, self.budget // (len(self.per_class) + len(names)))
+        for name in names:
+            feats = task.features[task.labels == name]
+            self.per_class[name] = feats[self._order(feats)[:quota]]
+        for name in self.per_class:  # the order is best-first, so shrinking keeps the best
+            self.per_class[name] = self.per_class[name][:quota]
+
+    def _order(self, feats: np.ndarray) -> np.ndarray:
+        if self.selection == "random":
+            return self.rng.permutation(len(feats))
+        return herding_order(pooled(feats))
+
+    def payload(self) -> dict | None:
+        if not self.per_class:
+            return None
+        return {"mode": "exemplar",
+                "features": np.concatenate(list(self.per_class.values())),
+                "labels": [n for n, f in self.per_class.items() for _ in range(len(f))]}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.per_class.values())
+
+
+def herding_order(vectors: np.ndarray) -> np.ndarray:
+    """iCaRL herding: greedily pick samples whose running mean stays closest to the class mean."""
+    x = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-8)
+    target, total, chosen = x.mean(0), np.zeros(x.shape[1]), []
+    available = np.ones(len(x), dtype=bool)
+    for k in range(1, len(x) + 1):
+        distance = np.linalg.norm(target - (total + x) / k, axis=1)
+        distance[~available] = np.inf
+        best = int(distance.argmin())
+        chosen.append(best)
+        available[best] = False
+        total += x[best]
+    return np.asarray(chosen)
+
+
+def make_memory(mode: str, budget: int = 2000, selection: str = "herding", seed: int = 0):
+    if mode == "none":
+        return NoReplay()
+    if mode == "pseudo":
+        return PseudoFeatureReplay()
+    if mode == "exemplar":
+        return ExemplarMemory(budget, selection, seed)
+    raise ValueError(f"unknown replay mode {mode!r}; use none, pseudo or exemplar")
+
+
+def sample_replay(payload: dict | None, count: int, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+    """Draw `count` replayed (features (count, T, D) float32, labels); classes uniformly for pseudo."""
+    if payload is None or count <= 0:
+        return np.zeros((0,), np.float32), []
+    if payload["mode"] == "pseudo":
+        classes = rng.integers(len(payload["classes"]), size=count)
+        noise = rng.standard_normal((count, *payload["mean"].shape[1:]), dtype=np.float32)
+        feats = payload["mean"][classes] + payload["std"][classes] * noise
+        return feats.astype(np.float32), [payload["classes"][c] for c in classes]
+    rows = rng.integers(len(payload["labels"]), size=count)
+    return payload["features"][rows].astype(np.float32), [payload["labels"][r] for r in rows]

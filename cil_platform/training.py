@@ -1,0 +1,144 @@
+"""One Ray Train fit per task: the projection update on sharded cached features.
+
+Each worker loads the frozen LLM itself (a fast safetensors read once de-quantised), wraps only
+the projection for data parallelism (DDP on gloo here; DeepSpeed is selected by config), and
+draws replayed samples of old classes from the memory's payload into every batch. A fresh AdamW
+with linear warm-up and cosine decay is created per task. Rank 0 reports a checkpoint (projection,
+optimizer, scheduler, epoch) after every epoch, so a restarted worker group resumes from it.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from gmm_model import ModelStack, create_gmm
+
+from .features import FeatureTable
+from .replay import sample_replay
+
+PROJECTION_FILE = "projection.safetensors"
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TaskTrainingResult:
+    projection: bytes
+    loss: float
+    images: int  # new-task images seen (all epochs, all workers)
+    seconds: float
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _restore(checkpoint: Checkpoint | None, projection, optimizer, scheduler) -> int:
+    """Load the last reported state; returns the epoch to start from."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        projection.load_file(Path(directory) / PROJECTION_FILE)
+        state = torch.load(Path(directory) / STATE_FILE, weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["epoch"] + 1
+
+
+def _report(epoch: int, metrics: dict, projection, optimizer, scheduler, rank: int) -> None:
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        projection.save_file(Path(directory) / PROJECTION_FILE)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch},
+                   Path(directory) / STATE_FILE)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+
+
+def train_task_loop(config: dict) -> None:
+    """Ray Train worker body for one task."""
+    torch.set_num_threads(config["threads"])
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(config["seed"])
+    rng = np.random.default_rng([config["seed"], rank])
+    gmm = create_gmm(config["stack"], config["visual_width"], config["cache_dir"], config["projection"])
+    projection = gmm.projection
+    optimizer = torch.optim.AdamW(projection.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    scheduler = warmup_cosine(optimizer, config["steps_per_epoch"] * config["epochs"], config["warmup_fraction"])
+    start_epoch = _restore(ray.train.get_checkpoint(), projection, optimizer, scheduler)
+    gmm.projection = ray.train.torch.prepare_model(projection) if config["world_size"] > 1 else projection
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, config["epochs"]):
+        losses, images = [], 0
+        for batch in shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy", drop_last=False):
+            labels = [str(x) for x in batch["label"]]
+            features = batch["features"].astype(np.float32)
+            replay_x, replay_y = sample_replay(config["replay"], round(config["replay_ratio"] * len(labels)), rng)
+            if replay_y:
+                features, labels = np.concatenate([features, replay_x]), labels + replay_y
+            loss = gmm.loss(torch.from_numpy(features), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            images += len(batch["label"])
+        metrics = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "images": images}
+        _report(epoch, metrics, projection, optimizer, scheduler, rank)
+
+
+def train_task(task_index: int, features: FeatureTable, projection: bytes | None, replay_payload: dict | None,
+               stack: ModelStack, visual_width: int, cache_dir: str, train_cfg, replay_ratio: float,
+               storage_path: str, seed: int, max_failures: int = 1) -> TaskTrainingResult:
+    """Run the projection update of one task as one TorchTrainer fit; returns the trained weights."""
+    if len(features) == 0:
+        raise ValueError(f"task {task_index} has no training images")
+    start = time.perf_counter()
+    workers = min(train_cfg.num_workers, len(features))
+    rows = [{"features": f, "label": str(y)} for f, y in zip(features.features, features.labels)]
+    # materialised up front: the workers take every CPU of a small node, and a lazy dataset would
+    # then wait forever for a CPU to run its shuffle on
+    dataset = ray.data.from_items(rows).random_shuffle(seed=seed + task_index).materialize()
+    steps_per_epoch = math.ceil((len(features) // workers) / train_cfg.batch_size)
+    loop_config = {
+        "stack": stack, "visual_width": visual_width, "cache_dir": cache_dir, "projection": projection,
+        "replay": replay_payload, "replay_ratio": replay_ratio, "seed": seed + 1000 * task_index,
+        "threads": train_cfg.threads_per_worker, "world_size": workers, "epochs": train_cfg.epochs,
+        "batch_size": train_cfg.batch_size, "lr": train_cfg.lr, "weight_decay": train_cfg.weight_decay,
+        "warmup_fraction": train_cfg.warmup_fraction, "steps_per_epoch": steps_per_epoch,
+    }
+    trainer = TorchTrainer(
+        train_task_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=train_cfg.use_gpu,
+                                     resources_per_worker={"CPU": train_cfg.threads_per_worker}),
+        run_config=RunConfig(name=f"task-{task_index:03d}", storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=max_failures)),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"task {task_index}: training finished without a checkpoint ({result.error})")
+    with result.checkpoint.as_directory() as directory:
+        weights = (Path(directory) / PROJECTION_FILE).read_bytes()
+    metrics = result.metrics or {}
+    return TaskTrainingResult(weights, float(metrics.get("loss", float("nan"))),
+                              int(metrics.get("images", 0)) * workers, time.perf_counter() - start)

@@ -1,0 +1,53 @@
+"""One prediction API over both decoding modes, shared by evaluation and serving."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .matcher import TextMatcher
+from .model import GMM
+
+DecodeMode = Literal["trie", "free"]
+
+
+@dataclass
+class Prediction:
+    label: str
+    score: float  # trie: log-probability of the name tokens; free: cosine similarity to the label
+    text: str  # the answer the LLM wrote (trie: the template with the decoded name)
+    top_k: list[tuple[str, float]]
+
+
+def predict(gmm: GMM, visual: torch.Tensor, class_names: list[str], mode: DecodeMode = "trie",
+            matcher: TextMatcher | None = None, top_k: int = 1) -> list[Prediction]:
+    """Classify (B, T, D) visual tokens among `class_names`.
+
+    trie: constrained decoding, every answer a valid class; top-k beyond the first ranks the other
+    classes by the log-probability of their first name token. free: the paper's mode, free
+    generation then the matcher's most similar class name.
+    """
+    if not class_names:
+        raise ValueError("no classes to predict among")
+    top_k = max(1, min(top_k, len(class_names)))
+    if mode == "trie":
+        out = gmm.decode_constrained(visual, gmm.label_trie(class_names))
+        results = []
+        for b, index in enumerate(out.classes.tolist()):
+            ranking = [c for c in out.first_token_log_prob[b].argsort(descending=True).tolist() if c != index]
+            ranked = [(class_names[index], float(out.log_prob[b]))]
+            ranked += [(class_names[c], float(out.first_token_log_prob[b, c])) for c in ranking[: top_k - 1]]
+            text = f"{gmm.tokens.format.answer_template} {class_names[index]}{gmm.tokens.format.terminator}"
+            results.append(Prediction(ranked[0][0], ranked[0][1], text, ranked))
+        return results
+    if mode == "free":
+        if matcher is None:
+            raise ValueError("free decoding needs a matcher")
+        texts = gmm.generate(visual)
+        sims = matcher.similarities([gmm.tokens.strip_answer(t) for t in texts], class_names)
+        values, indices = sims.topk(top_k, dim=1)
+        return [Prediction(class_names[int(i[0])], float(v[0]), text,
+                           [(class_names[int(c)], float(s)) for c, s in zip(i, v)])
+                for text, v, i in zip(texts, values, indices)]
+    raise ValueError(f"unknown decoding mode {mode!r}; use 'trie' or 'free'")

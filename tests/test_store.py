@@ -1,0 +1,188 @@
+import hashlib
+import json
+import os
+import uuid
+
+import fsspec
+import pytest
+
+from cil_platform.store import CorruptEntryError, Manifest, ProjectionStore
+
+WEIGHTS = [b"weights-of-task-0" * 10, b"weights-of-task-1" * 20, b"task-2"]
+
+
+@pytest.fixture(params=["local", "file", "memory"])
+def url(request, tmp_path):
+    if request.param == "local":
+        yield str(tmp_path / "store")
+        return
+    if request.param == "file":
+        yield f"file://{tmp_path}/store"
+        return
+    root = f"memory://store-{uuid.uuid4().hex}"  # the memory filesystem is process-wide
+    yield root
+    fs = fsspec.filesystem("memory")
+    path = root.removeprefix("memory://")
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def _raw(url):
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs, root.rstrip("/")
+
+
+def test_empty_store_has_no_versions(url):
+    store = ProjectionStore(url)
+    assert store.versions() == []
+    assert store.latest() is None
+    with pytest.raises(FileNotFoundError):
+        store.manifest(0)
+
+
+def test_publish_then_load_round_trips(url):
+    store = ProjectionStore(url)
+    for task, blob in enumerate(WEIGHTS):
+        manifest = store.publish(task, blob, [f"class{i}" for i in range(task + 2)], "stack-abc",
+                                 extra={"method": "replay"})
+        assert manifest.version == manifest.task == task
+    assert store.versions() == [0, 1, 2]
+    latest = store.latest()
+    assert latest.version == 2
+    assert latest.seen_classes == ["class0", "class1", "class2", "class3"]
+    manifest, blob = store.load(1)
+    assert blob == WEIGHTS[1]
+    assert manifest.sha256 == hashlib.sha256(WEIGHTS[1]).hexdigest()
+    assert manifest.size == len(WEIGHTS[1])
+    assert manifest.stack_fingerprint == "stack-abc"
+    assert manifest.extra == {"method": "replay"}
+    assert manifest.metrics == {}
+
+
+def test_files_follow_the_documented_layout(url):
+    ProjectionStore(url).publish(3, b"abc", ["a"], "fp")
+    fs, root = _raw(url)
+    assert fs.cat_file(f"{root}/v0003/projection.safetensors") == b"abc"
+    data = json.loads(fs.cat_file(f"{root}/v0003/manifest.json"))
+    assert data["version"] == 3 and data["task"] == 3 and data["size"] == 3
+    assert data["created_at"].endswith("+00:00")
+
+
+def test_weights_without_manifest_are_invisible(url):
+    store = ProjectionStore(url)
+    store.publish(0, WEIGHTS[0], ["a"], "fp")
+    fs, root = _raw(url)
+    # A writer that crashed after the weights but before the manifest (the commit marker).
+    fs.makedirs(f"{root}/v0001", exist_ok=True)
+    fs.pipe(f"{root}/v0001/projection.safetensors", WEIGHTS[1])
+    assert store.versions() == [0]
+    assert store.latest().version == 0
+    with pytest.raises(FileNotFoundError):
+        store.load(1)
+
+
+@pytest.mark.parametrize("garbage", [b'{"version": 1, "task"', b"\x00\xff not json", b'{"version": 1}', b""])
+def test_garbled_manifest_is_not_listed_and_is_reported_as_corrupt(url, garbage):
+    store = ProjectionStore(url)
+    store.publish(0, WEIGHTS[0], ["a"], "fp")
+    store.publish(1, WEIGHTS[1], ["a", "b"], "fp")
+    fs, root = _raw(url)
+    fs.pipe(f"{root}/v0001/manifest.json", garbage)
+    assert store.versions() == [0]
+    assert store.latest().version == 0
+    with pytest.raises(CorruptEntryError):
+        store.manifest(1)
+
+
+def test_manifest_in_the_wrong_directory_is_corrupt(url):
+    store = ProjectionStore(url)
+    store.publish(0, WEIGHTS[0], ["a"], "fp")
+    fs, root = _raw(url)
+    fs.makedirs(f"{root}/v0005", exist_ok=True)
+    fs.pipe(f"{root}/v0005/manifest.json", fs.cat_file(f"{root}/v0000/manifest.json"))
+    assert store.versions() == [0]
+    with pytest.raises(CorruptEntryError, match="claims version 0"):
+        store.manifest(5)
+
+
+def test_corrupted_weights_raise(url):
+    store = ProjectionStore(url)
+    store.publish(0, WEIGHTS[0], ["a"], "fp")
+    fs, root = _raw(url)
+    path = f"{root}/v0000/projection.safetensors"
+    fs.pipe(path, b"X" + WEIGHTS[0][1:])  # same size, different bytes
+    with pytest.raises(CorruptEntryError, match="sha256"):
+        store.load(0)
+    fs.pipe(path, WEIGHTS[0][:-3])  # truncated
+    with pytest.raises(CorruptEntryError, match="bytes"):
+        store.load(0)
+    fs.rm(path)
+    with pytest.raises(CorruptEntryError, match="no weights"):
+        store.load(0)
+    assert issubclass(CorruptEntryError, ValueError)
+
+
+def test_annotate_merges_metrics_and_keeps_weights(url):
+    store = ProjectionStore(url)
+    original = store.publish(0, WEIGHTS[0], ["a"], "fp")
+    store.annotate(0, {"overall": 0.5})
+    updated = store.annotate(0, {"seconds": 12.0})
+    assert updated.metrics == {"overall": 0.5, "seconds": 12.0}
+    manifest, blob = store.load(0)
+    assert blob == WEIGHTS[0]
+    assert manifest.metrics == {"overall": 0.5, "seconds": 12.0}
+    assert manifest.sha256 == original.sha256 and manifest.created_at == original.created_at
+    with pytest.raises(FileNotFoundError):
+        store.annotate(7, {"x": 1})
+
+
+def test_republish_replaces_the_version(url):
+    store = ProjectionStore(url)
+    store.publish(0, WEIGHTS[0], ["a"], "fp")
+    store.annotate(0, {"overall": 0.5})
+    store.publish(0, WEIGHTS[2], ["a", "z"], "fp2")
+    manifest, blob = store.load(0)
+    assert blob == WEIGHTS[2]
+    assert manifest.seen_classes == ["a", "z"]
+    assert manifest.stack_fingerprint == "fp2"
+    assert manifest.metrics == {}
+    assert store.versions() == [0]
+
+
+def test_stores_see_each_others_publishes(url):
+    writer, reader = ProjectionStore(url), ProjectionStore(url)
+    assert reader.versions() == []
+    writer.publish(0, WEIGHTS[0], ["a"], "fp")
+    assert reader.versions() == [0]
+    writer.publish(1, WEIGHTS[1], ["a", "b"], "fp")
+    assert reader.latest().version == 1
+
+
+def test_local_writes_leave_no_temp_files(tmp_path):
+    store = ProjectionStore(str(tmp_path))
+    store.publish(0, WEIGHTS[0], ["a"], "fp")
+    store.annotate(0, {"overall": 1.0})
+    assert sorted(os.listdir(tmp_path / "v0000")) == ["manifest.json", "projection.safetensors"]
+
+
+def test_local_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
+    store = ProjectionStore(str(tmp_path))
+    store.publish(0, WEIGHTS[0], ["a"], "fp")
+    before = (tmp_path / "v0000" / "manifest.json").read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        store.annotate(0, {"overall": 1.0})
+    assert (tmp_path / "v0000" / "manifest.json").read_bytes() == before
+    assert sorted(os.listdir(tmp_path / "v0000")) == ["manifest.json", "projection.safetensors"]
+
+
+def test_manifest_json_round_trip():
+    manifest = Manifest(version=2, task=2, seen_classes=["a"], stack_fingerprint="fp", sha256="00",
+                        size=1, created_at="2024-01-01T00:00:00+00:00", metrics={"x": 1}, extra={})
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    with pytest.raises(CorruptEntryError):
+        Manifest.from_json("{nope")
