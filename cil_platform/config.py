@@ -36,7 +36,7 @@ class AlignmentConfig(Strict):
     num_classes: int = Field(150, ge=1)
     train_per_class: int = Field(30, ge=1)
     class_seed: int = 12345
-    epochs: int = Field(2, ge=1)
+    epochs: int = Field(1, ge=1)
     lr: float = Field(2e-3, gt=0)
 
 
@@ -95,12 +95,15 @@ class ExperimentConfig(Strict):
             name = value.pop("preset")
             if name not in PRESETS:
                 raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
-            return PRESETS[name].model_copy(update=value) if value else PRESETS[name]
+            return ModelStack.model_validate({**PRESETS[name].model_dump(), **value})
         return value
 
     @model_validator(mode="after")
     def _paths(self):
-        self.output_dir = self.output_dir.format(name=self.name)
+        try:
+            self.output_dir = self.output_dir.format(name=self.name)
+        except (KeyError, IndexError) as error:
+            raise ValueError(f"output_dir {self.output_dir!r}: only {{name}} may be substituted") from error
         self.cache_dir = str(Path(self.cache_dir).expanduser())
         if self.store_url is None:
             self.store_url = f"{self.output_dir.rstrip('/')}/store"

@@ -48,8 +48,8 @@ def features_for(cfg: ExperimentConfig, classes: list[str], **dataset_overrides)
     splits = load_dataset(cfg.dataset.model_copy(update=dataset_overrides), classes=classes)
     encoder_identity = create_encoder(cfg.stack).identity
     cache = FeatureCache(str(Path(cfg.cache_dir) / "features"), encoder_identity)
-    return (extract_features(splits.train, cfg.stack, cache, actors=cfg.eval.actors),
-            extract_features(splits.test, cfg.stack, cache, actors=cfg.eval.actors))
+    train, test = extract_features([splits.train, splits.test], cfg.stack, cache, actors=cfg.eval.actors)
+    return train, test
 
 
 def resolve_alignment(cfg: ExperimentConfig, class_names: list[str], visual_width: int) -> AlignedProjection | None:
@@ -108,6 +108,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     projection = aligned.weights if aligned else None
     storage = str(Path(cfg.output_dir, "ray_train").resolve())
     tasks = []
+    throughput = dict.fromkeys(["train_images", "train_seconds", "eval_images", "eval_seconds"], 0.0)
     try:
         for task in scenario:
             tasks.append(task)
@@ -129,6 +130,10 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
             store.annotate(task.index, {"accuracy": overall, "task_accuracy": acc_row})
             memory.update(task_train)
             _record(rows[gmm_name], acc_row, overall, time.perf_counter() - t0)
+            throughput["train_images"] += trained.images
+            throughput["train_seconds"] += trained.seconds
+            throughput["eval_images"] += len(seen_test)
+            throughput["eval_seconds"] += t2 - t1
             line = [f"task {task.index + 1}/{len(scenario)}: gmm {overall:.1%} (train {t1 - t0:.0f}s, "
                     f"loss {trained.loss:.3f}, eval {t2 - t1:.0f}s)"]
             for baseline in baselines:
@@ -142,6 +147,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         evaluators.close()
 
     rows[gmm_name]["memory_bytes"] = memory.nbytes
+    rows[gmm_name]["train_images_per_second"] = throughput["train_images"] / max(throughput["train_seconds"], 1e-9)
+    rows[gmm_name]["eval_images_per_second"] = throughput["eval_images"] / max(throughput["eval_seconds"], 1e-9)
     for baseline in baselines:
         rows[baseline.name]["memory_bytes"] = baseline.memory_bytes
     for row in rows.values():

@@ -82,46 +82,67 @@ class EncodeBatch:
         import torch
 
         torch.set_num_threads(threads)
-        self.encoder = create_encoder(stack).eval()
-        self.cached = cached
-        self.shape = (self.encoder.num_tokens, self.encoder.width)
+        self.stack, self.cached, self._encoder = stack, cached, None
+
+    @property
+    def encoder(self):
+        """Loaded on the first cache miss: a fully cached pass never pays for the network."""
+        if self._encoder is None:
+            self._encoder = create_encoder(self.stack).eval()
+        return self._encoder
 
     def __call__(self, batch: dict) -> dict:
         todo = [i for i, (k, e) in enumerate(zip(batch["key"], batch["error"])) if not e and k not in self.cached]
-        features = np.zeros((len(batch["key"]), *self.shape), dtype=np.float16)
+        features = np.zeros((len(batch["key"]), 0, 0), dtype=np.float16)
         if todo:
-            images = [np.asarray(batch["image"][i]) for i in todo]
-            features[todo] = self.encoder.encode(images).numpy().astype(np.float16)
+            encoded = self.encoder.encode([np.asarray(batch["image"][i]) for i in todo]).numpy()
+            features = np.zeros((len(batch["key"]), *encoded.shape[1:]), dtype=np.float16)
+            features[todo] = encoded
         computed = np.zeros(len(batch["key"]), dtype=bool)
         computed[todo] = True
-        return {"key": batch["key"], "label": batch["label"], "error": batch["error"],
+        return {"key": batch["key"], "label": batch["label"], "error": batch["error"], "part": batch["part"],
                 "computed": computed, "features": features}
 
 
-def extract_features(images: LabelledImages, stack: ModelStack, cache: FeatureCache,
-                     actors: int = 2, batch_size: int = 64) -> FeatureTable:
-    """Features for every decodable image; rows with an error are dropped and counted by reason."""
+def extract_features(parts: list[LabelledImages], stack: ModelStack, cache: FeatureCache,
+                     actors: int = 2, batch_size: int = 64) -> list[FeatureTable]:
+    """Features of every decodable image of each part (e.g. train and test), in one Ray Data pass.
+
+    Rows with an error are dropped and counted by reason. One pass means one pool of encoder
+    actors (each a process that loads torch and the encoder) rather than one per part.
+    """
     stored = cache.load_all()
-    encoded = images.dataset.map_batches(
+    tagged = [p.dataset.add_column("part", lambda batch, i=i: np.full(len(batch["key"]), i), batch_format="numpy")
+              for i, p in enumerate(parts)]
+    encoded = (tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]).map_batches(
         EncodeBatch, fn_constructor_kwargs={"stack": stack, "cached": frozenset(stored)},
-        compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, batch_format="numpy")
-    keys, labels, skipped = [], [], Counter()
+        # each actor runs one torch thread; reserving half a CPU leaves room for the reading and
+        # decoding tasks upstream, which would otherwise wait forever for a CPU on a small node
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.5, batch_size=batch_size, batch_format="numpy")
+    collected = [{"keys": [], "labels": [], "skipped": Counter()} for _ in parts]
     new_keys, new_features = [], []
     for batch in encoded.iter_batches(batch_size=1024, batch_format="numpy"):
-        for i, (key, label, error) in enumerate(zip(batch["key"], batch["label"], batch["error"])):
+        for i, (key, label, error, part) in enumerate(zip(batch["key"], batch["label"], batch["error"], batch["part"])):
+            into = collected[int(part)]
             if error:
-                skipped[str(error).split(":")[0]] += 1
+                into["skipped"][str(error).split(":")[0]] += 1
                 continue
-            keys.append(str(key))
-            labels.append(str(label))
+            into["keys"].append(str(key))
+            into["labels"].append(str(label))
             if batch["computed"][i]:
                 new_keys.append(str(key))
                 new_features.append(batch["features"][i])
     if new_keys:
         cache.add(new_keys, np.stack(new_features))
         stored.update(zip(new_keys, new_features))
-    if skipped:
-        log.warning("skipped %d unreadable images: %s", sum(skipped.values()), dict(skipped))
-    log.info("features: %d images, %d computed, %d from cache", len(keys), len(new_keys), len(keys) - len(new_keys))
-    features = np.stack([stored[k] for k in keys]) if keys else np.zeros((0, 0, 0), np.float16)
-    return FeatureTable(features, np.asarray(labels, dtype=object), np.asarray(keys, dtype=object), skipped)
+    tables = []
+    for part in collected:
+        if part["skipped"]:
+            log.warning("skipped %d unreadable images: %s", sum(part["skipped"].values()), dict(part["skipped"]))
+        keys = part["keys"]
+        features = np.stack([stored[k] for k in keys]) if keys else np.zeros((0, 0, 0), np.float16)
+        tables.append(FeatureTable(features, np.asarray(part["labels"], dtype=object), np.asarray(keys, dtype=object),
+                                   part["skipped"]))
+    log.info("features: %d images, %d computed, %d from cache", sum(map(len, tables)), len(new_keys),
+             sum(map(len, tables)) - len(new_keys))
+    return tables

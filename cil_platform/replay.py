@@ -67,7 +67,10 @@ class ExemplarMemory:
 
     def update(self, task: FeatureTable) -> None:
         names = [str(n) for n in dict.fromkeys(task.labels)]
-        quota = max(1, self.budget // (len(self.per_class) + len(names)))
+        classes = len(set(self.per_class) | set(names))
+        quota = self.budget // classes
+        if quota < 1:
+            raise ValueError(f"exemplar budget {self.budget} cannot hold one feature set for each of {classes} classes")
         for name in names:
             feats = task.features[task.labels == name]
             self.per_class[name] = feats[self._order(feats)[:quota]]

@@ -1,6 +1,8 @@
 """One Ray Train fit per task: the projection update on sharded cached features.
 
-Each worker loads the frozen LLM itself (a fast safetensors read once de-quantised), wraps only
+The task's cached features travel with the fit (Ray's object store) and each worker trains on its
+own equal shard of a seeded permutation. (Feeding them through a Ray Dataset instead costs two more
+actor processes per fit, several seconds each on a small node, for data that fits in memory.) Each worker loads the frozen LLM itself (a fast safetensors read once de-quantised), wraps only
 the projection for data parallelism (DDP on gloo here; DeepSpeed is selected by config), and
 draws replayed samples of old classes from the memory's payload into every batch. A fresh AdamW
 with linear warm-up and cosine decay is created per task. Rank 0 reports a checkpoint (projection,
@@ -34,7 +36,7 @@ STATE_FILE = "trainer_state.pt"
 class TaskTrainingResult:
     projection: bytes
     loss: float
-    images: int  # new-task images seen (all epochs, all workers)
+    images: int  # samples processed, new and replayed (all epochs, all workers)
     seconds: float
 
 
@@ -73,6 +75,15 @@ def _report(epoch: int, metrics: dict, projection, optimizer, scheduler, rank: i
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
 
 
+def shard_batches(count: int, world: int, rank: int, batch_size: int, seed: int) -> list[np.ndarray]:
+    """This worker's batches of one epoch: a seeded permutation cut into equal shards, so every
+    worker runs the same number of steps (DDP needs that) and shards never overlap."""
+    order = np.random.default_rng(seed).permutation(count)
+    per_worker = count // world
+    mine = order[rank * per_worker: (rank + 1) * per_worker]
+    return [mine[i: i + batch_size] for i in range(0, per_worker, batch_size)]
+
+
 def train_task_loop(config: dict) -> None:
     """Ray Train worker body for one task."""
     torch.set_num_threads(config["threads"])
@@ -85,12 +96,13 @@ def train_task_loop(config: dict) -> None:
     scheduler = warmup_cosine(optimizer, config["steps_per_epoch"] * config["epochs"], config["warmup_fraction"])
     start_epoch = _restore(ray.train.get_checkpoint(), projection, optimizer, scheduler)
     gmm.projection = ray.train.torch.prepare_model(projection) if config["world_size"] > 1 else projection
-    shard = ray.train.get_dataset_shard("train")
+    features_all, labels_all = config["features"], config["labels"]
+    world = config["world_size"]
     for epoch in range(start_epoch, config["epochs"]):
         losses, images = [], 0
-        for batch in shard.iter_batches(batch_size=config["batch_size"], batch_format="numpy", drop_last=False):
-            labels = [str(x) for x in batch["label"]]
-            features = batch["features"].astype(np.float32)
+        for rows in shard_batches(len(labels_all), world, rank, config["batch_size"], config["seed"] + epoch):
+            labels = [labels_all[i] for i in rows]
+            features = features_all[rows].astype(np.float32)
             replay_x, replay_y = sample_replay(config["replay"], round(config["replay_ratio"] * len(labels)), rng)
             if replay_y:
                 features, labels = np.concatenate([features, replay_x]), labels + replay_y
@@ -100,7 +112,10 @@ def train_task_loop(config: dict) -> None:
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
-            images += len(batch["label"])
+            images += len(labels)  # new and replayed samples
+            if rank == 0 and len(losses) % config["log_every"] == 0:
+                print(f"  task {config['task']} epoch {epoch + 1}/{config['epochs']} step {len(losses)}/"
+                      f"{config['steps_per_epoch']}: loss {np.mean(losses[-config['log_every']:]):.3f}", flush=True)
         metrics = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "images": images}
         _report(epoch, metrics, projection, optimizer, scheduler, rank)
 
@@ -113,17 +128,15 @@ def train_task(task_index: int, features: FeatureTable, projection: bytes | None
         raise ValueError(f"task {task_index} has no training images")
     start = time.perf_counter()
     workers = min(train_cfg.num_workers, len(features))
-    rows = [{"features": f, "label": str(y)} for f, y in zip(features.features, features.labels)]
-    # materialised up front: the workers take every CPU of a small node, and a lazy dataset would
-    # then wait forever for a CPU to run its shuffle on
-    dataset = ray.data.from_items(rows).random_shuffle(seed=seed + task_index).materialize()
     steps_per_epoch = math.ceil((len(features) // workers) / train_cfg.batch_size)
     loop_config = {
         "stack": stack, "visual_width": visual_width, "cache_dir": cache_dir, "projection": projection,
-        "replay": replay_payload, "replay_ratio": replay_ratio, "seed": seed + 1000 * task_index,
+        "replay": replay_payload, "replay_ratio": replay_ratio, "seed": seed + 1000 * (task_index + 1),  # task -1 is stage-1 alignment
         "threads": train_cfg.threads_per_worker, "world_size": workers, "epochs": train_cfg.epochs,
         "batch_size": train_cfg.batch_size, "lr": train_cfg.lr, "weight_decay": train_cfg.weight_decay,
         "warmup_fraction": train_cfg.warmup_fraction, "steps_per_epoch": steps_per_epoch,
+        "features": features.features, "labels": [str(y) for y in features.labels],
+        "task": task_index, "log_every": max(1, steps_per_epoch // 4),
     }
     trainer = TorchTrainer(
         train_task_loop,
@@ -132,7 +145,6 @@ def train_task(task_index: int, features: FeatureTable, projection: bytes | None
                                      resources_per_worker={"CPU": train_cfg.threads_per_worker}),
         run_config=RunConfig(name=f"task-{task_index:03d}", storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=max_failures)),
-        datasets={"train": dataset},
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -141,4 +153,4 @@ def train_task(task_index: int, features: FeatureTable, projection: bytes | None
         weights = (Path(directory) / PROJECTION_FILE).read_bytes()
     metrics = result.metrics or {}
     return TaskTrainingResult(weights, float(metrics.get("loss", float("nan"))),
-                              int(metrics.get("images", 0)) * workers, time.perf_counter() - start)
+                              int(metrics.get("images", 0)) * workers * train_cfg.epochs, time.perf_counter() - start)

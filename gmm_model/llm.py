@@ -36,13 +36,15 @@ def resolve_llm_source(spec: str) -> LLMSource:
     """
     if spec.startswith(PACKAGE_PREFIX):
         module, _, filename = spec[len(PACKAGE_PREFIX):].partition("/")
+        if not filename:
+            raise ValueError(f"LLM {spec!r}: name the file inside the package, e.g. package:{module}/model.gguf")
         found = importlib.util.find_spec(module)
         if found is None or found.origin is None:
             raise ValueError(f"LLM {spec!r}: Python package {module!r} is not installed")
         location = str(Path(found.origin).parent)
         if not (Path(location) / filename).is_file():
             raise ValueError(f"LLM {spec!r}: {filename!r} not found in {location}")
-        return LLMSource(location, filename or None)
+        return LLMSource(location, filename)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

@@ -96,6 +96,8 @@ class GMM(nn.Module):
     @torch.no_grad()
     def generate(self, visual: torch.Tensor, max_new_tokens: int = 24) -> list[str]:
         """Greedy free generation; each sample stops at its own end-of-sequence token."""
+        if max_new_tokens < 1:
+            return [""] * visual.shape[0]
         out = self._start(self.image_embeds(visual))
         finished = torch.zeros(visual.shape[0], dtype=torch.bool, device=self.device)
         steps = []
@@ -109,7 +111,8 @@ class GMM(nn.Module):
         return [self.tokenizer.decode(cut_at_eos(ids, self.tokens.eos), skip_special_tokens=True) for ids in generated]
 
     def label_trie(self, class_names: list[str]) -> LabelTrie:
-        return LabelTrie([self.tokens.label_sequence(name) for name in class_names])
+        """Sequences end with eos, as trained, so a name that is a prefix of another stays reachable."""
+        return LabelTrie([self.tokens.label_sequence(name) + [self.tokens.eos] for name in class_names])
 
     @torch.no_grad()
     def decode_constrained(self, visual: torch.Tensor, trie: LabelTrie) -> ConstrainedPrediction:

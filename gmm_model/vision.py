@@ -41,7 +41,7 @@ def resize_batch(images: list[np.ndarray], size: int) -> torch.Tensor:
     for image in images:
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an HxWx3 RGB image, got shape {image.shape}")
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        tensor = torch.tensor(image, dtype=torch.float32).permute(2, 0, 1).div_(255.0)
         out.append(F.interpolate(tensor[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0])
     return torch.stack(out)
 

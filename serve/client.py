@@ -1,0 +1,73 @@
+"""Talking to a running GMM-CIL application: announce a new version, classify an image.
+
+Only httpx and the standard library at import time, so a training job can import it cheaply.
+
+    from serve.client import announce
+    announce("http://127.0.0.1:8000", manifest.version, token=os.environ.get("GMM_CIL_SERVE_TOKEN"))
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+
+class AnnounceError(RuntimeError):
+    """The application refused the version (unknown, corrupt, other stack) or could not be reached."""
+
+    def __init__(self, status: int | None, detail: str):
+        super().__init__(f"announce failed ({status}): {detail}" if status else f"announce failed: {detail}")
+        self.status, self.detail = status, detail
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def announce(url: str, version: int | None = None, token: str | None = None, *, wait: bool = True,
+             timeout_s: float = 180.0) -> dict[str, Any]:
+    """Tell the app at `url` to serve store version `version` (None: the store's latest).
+
+    POSTs to `{url}/v1/admin/reload`. With `wait`, returns once every replica serves it. Returns
+    {"version", "task", "previous", "settled"}; raises AnnounceError if the app refuses (404 unknown
+    version, 409 corrupt entry / other stack / app not deployed from a config, 401 token) or is unreachable.
+    """
+    payload: dict[str, Any] = {"wait": wait}
+    if version is not None:
+        payload["version"] = int(version)
+    try:
+        response = httpx.post(f"{url.rstrip('/')}/v1/admin/reload", json=payload, headers=_headers(token),
+                              timeout=timeout_s)
+    except httpx.HTTPError as error:
+        raise AnnounceError(None, f"{type(error).__name__}: {error}") from error
+    if response.status_code != 200:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        raise AnnounceError(response.status_code, str(detail))
+    return response.json()
+
+
+def announce_version(version: int | None = None, app_name: str = "gmm-cil", *, wait: bool = True) -> dict[str, Any]:
+    """The same from a process connected to the app's Ray cluster (no HTTP, no token): asks the app's
+    Watcher deployment directly."""
+    from ray import serve
+
+    result = serve.get_deployment_handle("Watcher", app_name).announce.remote(version, wait).result()
+    status = result.pop("status")
+    if status != 200:
+        raise AnnounceError(status, result["detail"])
+    return result
+
+
+def classify(url: str, image: bytes, content_type: str = "image/png", token: str | None = None, *,
+             top_k: int = 1, decode: str | None = None, client: httpx.Client | None = None,
+             timeout_s: float = 60.0) -> httpx.Response:
+    """POST raw image bytes to `{url}/v1/classify`; returns the response (check its status)."""
+    params: dict[str, Any] = {"top_k": top_k}
+    if decode:
+        params["decode"] = decode
+    headers = {"Content-Type": content_type, **_headers(token)}
+    post = client.post if client is not None else httpx.post
+    return post(f"{url.rstrip('/')}/v1/classify", content=image, params=params, headers=headers, timeout=timeout_s)
