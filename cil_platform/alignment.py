@@ -14,7 +14,6 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
-from safetensors import safe_open
 
 from gmm_model import ModelStack
 
@@ -40,16 +39,18 @@ def alignment_classes(class_names: list[str], count: int, seed: int, reserved: s
 
 
 def read_aligned(url: str) -> AlignedProjection:
+    """An aligned projection file; a truncated or foreign file is refused with a clear error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
     with fsspec.open(url, "rb") as handle:
         blob = handle.read()
-    metadata = _metadata(blob)
-    return AlignedProjection(blob, json.loads(metadata.get("classes", "[]")), url)
-
-
-def _metadata(blob: bytes) -> dict:
-    header_len = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8: 8 + header_len])
-    return header.get("__metadata__", {})
+    try:
+        load(blob)
+        header = json.loads(blob[8: 8 + int.from_bytes(blob[:8], "little")])
+    except (SafetensorError, ValueError) as error:
+        raise ValueError(f"aligned projection {url} is not a valid safetensors file: {error}") from error
+    return AlignedProjection(blob, json.loads(header.get("__metadata__", {}).get("classes", "[]")), url)
 
 
 def write_aligned(url: str, weights: bytes, classes: list[str], stack: ModelStack, source: str) -> None:
@@ -67,11 +68,3 @@ def default_aligned_path(stack: ModelStack, cache_dir: str) -> tuple[Path, Path]
     """(shipped path, cache path) where a stack's aligned projection is looked up."""
     name = f"{stack.fingerprint}.safetensors"
     return SHIPPED_DIR / name, Path(cache_dir) / "aligned" / name
-
-
-def has_tensors(url: str) -> bool:
-    try:
-        with safe_open(url, "pt") as handle:
-            return bool(list(handle.keys()))
-    except Exception:  # noqa: BLE001 - a missing or truncated file is simply not usable
-        return False

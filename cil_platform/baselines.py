@@ -30,8 +30,12 @@ class NearestClassMean:
         for name in dict.fromkeys(train.labels):
             self.prototypes[str(name)] = F.normalize(x[torch.from_numpy(train.labels == name)].mean(0), dim=0)
 
+    def matrix(self, classes: list[str]) -> np.ndarray:
+        """(C, D) unit-norm prototypes of `classes`, in that order."""
+        return torch.stack([self.prototypes[c] for c in classes]).numpy()
+
     def predict(self, test: FeatureTable, seen: list[str]) -> list[str]:
-        scores = embed(test) @ torch.stack([self.prototypes[c] for c in seen]).T
+        scores = embed(test) @ torch.from_numpy(self.matrix(seen)).T
         return [seen[i] for i in scores.argmax(1).tolist()]
 
     @property
@@ -40,7 +44,7 @@ class NearestClassMean:
 
 
 class LinearHead:
-    """Cosine-free linear softmax head; `joint` retrains from scratch on everything seen so far."""
+    """Softmax head over unit-norm features (logits scaled by 10); `joint` retrains from scratch on all seen data."""
 
     def __init__(self, joint: bool, seed: int = 0, epochs: int = 30, lr: float = 1e-2):
         self.name = "joint" if joint else "linear_sequential"

@@ -64,6 +64,7 @@ class ReplayConfig(Strict):
 
 class EvalConfig(Strict):
     decode: Literal["trie", "free"] = "trie"
+    fuse_prototypes: bool = Field(True, description="trie only: also report the fusion with class prototypes")
     batch_size: int = Field(64, ge=1)
     actors: int = Field(2, ge=1)
 

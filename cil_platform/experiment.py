@@ -16,7 +16,7 @@ import ray
 from gmm_model import create_encoder
 
 from .alignment import AlignedProjection, alignment_classes, default_aligned_path, read_aligned, write_aligned
-from .baselines import make_baseline
+from .baselines import NearestClassMean, make_baseline
 from .config import REPO_ROOT, ExperimentConfig
 from .datasets import dataset_class_names, load_dataset
 from .evaluation import EvaluatorPool
@@ -102,7 +102,10 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     memory = make_memory(cfg.replay.mode, cfg.replay.budget, cfg.replay.selection, cfg.seed)
     baselines = [make_baseline(name, cfg.seed) for name in cfg.baselines]
     gmm_name = f"gmm[{cfg.replay.mode},{cfg.eval.decode}]"
-    rows = {name: {"task_acc": [], "overall": [], "seconds": 0.0} for name in [gmm_name, *cfg.baselines]}
+    fused_name = f"gmm[{cfg.replay.mode},trie+ncm]"
+    prototypes = NearestClassMean() if cfg.eval.fuse_prototypes and cfg.eval.decode == "trie" else None
+    gmm_rules = {gmm_name: cfg.eval.decode, **({fused_name: "trie+ncm"} if prototypes else {})}
+    rows = {name: {"task_acc": [], "overall": [], "seconds": 0.0} for name in [*gmm_rules, *cfg.baselines]}
     evaluators = EvaluatorPool(cfg.eval.actors, cfg.stack, visual_width, cfg.cache_dir, cfg.eval.decode,
                                cfg.eval.batch_size)
     projection = aligned.weights if aligned else None
@@ -124,18 +127,24 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
             store.publish(task.index, projection, seen, cfg.stack.fingerprint,
                           extra={"experiment": cfg.name, "replay": cfg.replay.mode})
             t1 = time.perf_counter()
-            predicted = evaluators.predict(projection, seen_test, seen)
-            acc_row, overall = evaluate_task(predicted, list(seen_test.labels), tasks)
+            if prototypes:
+                prototypes.learn(task_train, seen)
+            predicted = evaluators.predict(projection, seen_test, seen, prototypes.matrix(seen) if prototypes else None)
             t2 = time.perf_counter()
-            store.annotate(task.index, {"accuracy": overall, "task_accuracy": acc_row})
+            accuracy = {}
+            for name, rule in gmm_rules.items():
+                acc_row, accuracy[name] = evaluate_task(predicted[rule], list(seen_test.labels), tasks)
+                _record(rows[name], acc_row, accuracy[name], time.perf_counter() - t0)
+            overall = accuracy[gmm_name]
+            store.annotate(task.index, {"accuracy": overall, "task_accuracy": rows[gmm_name]["task_acc"][-1]})
             memory.update(task_train)
-            _record(rows[gmm_name], acc_row, overall, time.perf_counter() - t0)
             throughput["train_images"] += trained.images
             throughput["train_seconds"] += trained.seconds
             throughput["eval_images"] += len(seen_test)
             throughput["eval_seconds"] += t2 - t1
-            line = [f"task {task.index + 1}/{len(scenario)}: gmm {overall:.1%} (train {t1 - t0:.0f}s, "
-                    f"loss {trained.loss:.3f}, eval {t2 - t1:.0f}s)"]
+            line = [f"task {task.index + 1}/{len(scenario)}: gmm {overall:.1%}"
+                    + (f" (+ncm {accuracy[fused_name]:.1%})" if prototypes else "")
+                    + f" (train {t1 - t0:.0f}s, loss {trained.loss:.3f}, eval {t2 - t1:.0f}s)"]
             for baseline in baselines:
                 b0 = time.perf_counter()
                 baseline.learn(task_train, seen)
@@ -147,6 +156,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         evaluators.close()
 
     rows[gmm_name]["memory_bytes"] = memory.nbytes
+    if prototypes:
+        rows[fused_name]["memory_bytes"] = memory.nbytes + prototypes.memory_bytes
     rows[gmm_name]["train_images_per_second"] = throughput["train_images"] / max(throughput["train_seconds"], 1e-9)
     rows[gmm_name]["eval_images_per_second"] = throughput["eval_images"] / max(throughput["eval_seconds"], 1e-9)
     for baseline in baselines:

@@ -20,6 +20,7 @@ def atomic_write_bytes(fs, path: str, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(temp, 0o644)  # mkstemp creates 0600; the store and cache are read by other processes/users
         os.replace(temp, path)
     except BaseException:
         if os.path.exists(temp):

@@ -20,6 +20,23 @@ class Prediction:
     top_k: list[tuple[str, float]]
 
 
+def zscore(scores: torch.Tensor) -> torch.Tensor:
+    """Standardise each row, so scores of different kinds can be added."""
+    return (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp_min(1e-6)
+
+
+def fuse_with_prototypes(first_token_log_prob: torch.Tensor, visual: torch.Tensor,
+                         prototypes: torch.Tensor) -> torch.Tensor:
+    """Beyond the paper: add the z-scored generative score of each class (log p of its first name
+    token) to the z-scored cosine similarity of the image's mean token to the class prototype
+    (unit-norm class means of the same features, as in nearest-class-mean). Returns (B,) class indices.
+
+    The generative score alone leans toward the newest classes; the prototypes do not drift.
+    """
+    similarity = torch.nn.functional.normalize(visual.float().mean(1), dim=1) @ prototypes.T
+    return (zscore(first_token_log_prob.float()) + zscore(similarity)).argmax(1)
+
+
 def predict(gmm: GMM, visual: torch.Tensor, class_names: list[str], mode: DecodeMode = "trie",
             matcher: TextMatcher | None = None, top_k: int = 1) -> list[Prediction]:
     """Classify (B, T, D) visual tokens among `class_names`.

@@ -64,7 +64,7 @@ def compare_decoders(cfg) -> dict:
         try:
             pool.predict(weights, test.select(manifest.seen_classes[:1]), manifest.seen_classes)  # warm-up
             start = time.perf_counter()
-            predicted = pool.predict(weights, test, manifest.seen_classes)
+            predicted = pool.predict(weights, test, manifest.seen_classes)[mode]
             seconds = time.perf_counter() - start
         finally:
             pool.close()

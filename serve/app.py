@@ -424,6 +424,28 @@ class Watcher:
 api = FastAPI(title="GMM-CIL", description="Class-incremental image classification with a generative "
                                            "multi-modal model", version="1")
 
+# sha256 of the bearer token, set by the Ingress replica (one per process) before it serves; None: no token.
+# Set through a module-level function: Serve ships the ingress class by value (its methods get a copy of this
+# module's globals), while this module's functions, the middleware among them, are imported by reference.
+_token_sha256: str | None = None
+
+
+def _set_token_sha256(value: str | None) -> None:
+    global _token_sha256
+    _token_sha256 = value
+
+
+@api.middleware("http")
+async def require_token(request: Request, call_next):
+    """Every endpoint but /healthz needs the bearer token; checked before routing and body validation."""
+    if _token_sha256 is not None and not request.url.path.rstrip("/").endswith("/healthz"):
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(presented.strip().encode()).hexdigest()
+        if scheme.lower() != "bearer" or not presented.strip() or not hmac.compare_digest(digest, _token_sha256):
+            return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+    return await call_next(request)
+
 
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -439,23 +461,14 @@ class Ingress:
         self.captioner, self.watcher = captioner, watcher
         self.args = AppArgs.model_validate(settings)
         token = os.environ.get(self.args.token_env)
-        self.token_sha256 = self.args.token_sha256 or (hashlib.sha256(token.encode()).hexdigest() if token else None)
-
-    def _authorize(self, request: Request) -> None:
-        if self.token_sha256 is None:
-            return
-        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-        digest = hashlib.sha256(presented.strip().encode()).hexdigest()
-        if scheme.lower() != "bearer" or not presented or not hmac.compare_digest(digest, self.token_sha256):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+        _set_token_sha256(self.args.token_sha256 or (hashlib.sha256(token.encode()).hexdigest() if token else None))
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
     @api.get("/v1/model")
-    async def model(self, request: Request) -> dict:
-        self._authorize(request)
+    async def model(self) -> dict:
         info = await self.captioner.info.remote()
         if info is None:
             raise HTTPException(503, "no model version has been published to the store yet")
@@ -464,7 +477,6 @@ class Ingress:
     @api.post("/v1/classify")
     async def classify(self, request: Request, top_k: int = Query(1, ge=1),
                        decode: Decode | None = Query(None, description="trie or free; default: the app's")) -> dict:
-        self._authorize(request)
         if top_k > self.args.max_top_k:
             raise HTTPException(422, f"top_k must be at most {self.args.max_top_k}")
         try:
@@ -481,9 +493,16 @@ class Ingress:
         return result
 
     @api.post("/v1/admin/reload")
-    async def reload(self, request: Request, body: ReloadRequest | None = None) -> JSONResponse:
-        self._authorize(request)
-        body = body or ReloadRequest()
+    async def reload(self, request: Request) -> JSONResponse:
+        """Body: optional JSON {"version": N, "wait": true}; an empty body means the store's latest."""
+        raw = await request.body()
+        if len(raw) > 4096:
+            raise HTTPException(413, "reload body too large")
+        try:
+            body = ReloadRequest.model_validate_json(raw) if raw.strip() else ReloadRequest()
+        except ValueError as error:
+            raise HTTPException(422, f"reload body must be JSON like {{\"version\": 3, \"wait\": true}}: "
+                                     f"{str(error).splitlines()[0]}") from None
         result = await self.watcher.announce.remote(body.version, body.wait)
         status = result.pop("status")
         return JSONResponse(result if status == 200 else {"detail": result["detail"]}, status_code=status)

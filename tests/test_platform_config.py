@@ -28,10 +28,12 @@ def test_default_config_is_the_demo_b0_inc10(tmp_path):
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     dumped = cfg.model_dump()
     for section, values in raw.items():
-        if isinstance(values, dict):
+        if section == "model":
+            assert cfg.stack == PRESETS[values["preset"]].model_copy(update={k: v for k, v in values.items() if k != "preset"})
+        elif isinstance(values, dict):
             for field, value in values.items():
                 assert dumped[section][field] == value, (section, field)
-        elif section != "model":
+        else:
             assert dumped[section] == values, section
     assert isinstance(cfg.model, ModelStack)
     # the same file by explicit path gives the same config
@@ -109,6 +111,7 @@ def test_preset_mapping_overrides_fields_of_the_preset(tmp_path):
     assert full.stack == ModelStack(image_size=64)
 
 
+@pytest.mark.parametrize("fields", ["grid: 100", "bogus: 1", "encoder: [1, 2]"])
 def test_preset_mapping_overrides_are_validated(tmp_path, fields):
     with pytest.raises(pydantic.ValidationError):
         load_config(write(tmp_path, f"model: {{preset: offline-small, {fields}}}\n"))
@@ -144,3 +147,10 @@ def test_cache_dir_comes_from_the_environment_and_is_expanded(monkeypatch, tmp_p
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = load_config(write(tmp_path, "name: x\n"))
     assert cfg.cache_dir == str(tmp_path / "somewhere" / "cache")
+
+
+def test_model_fields_can_be_overridden_from_the_command_line():
+    cfg = load_config(None, ["model.grid=3"])
+    assert cfg.stack.grid == 3
+    assert cfg.stack.llm == PRESETS["offline-small"].llm
+    assert cfg.stack.fingerprint != PRESETS["offline-small"].fingerprint  # a different stack, its own alignment

@@ -1,0 +1,80 @@
+"""Start the serving application from serve/config.yaml with this checkout as its code, and keep it up.
+
+    python -m serve.launch --store runs/demo/store                   # a local Ray instance, HTTP on 127.0.0.1:8000
+    python -m serve.launch --store s3://bucket/store --address auto  # an existing cluster (`ray start --head`)
+    GMM_CIL_SERVE_TOKEN=... python -m serve.launch --store ...       # bearer token on every endpoint but /healthz
+
+Unlike `serve run serve/config.yaml`, the config's working_dir need not be edited: it is set to this checkout.
+`--set Deployment.key=value` overrides one deployment option (user_config keys too, e.g.
+`--set Watcher.user_config.poll_interval_s=2`, `--set Captioner.autoscaling_config.max_replicas=4`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import yaml
+
+if __package__ in (None, ""):  # run as a script: make the repository importable, not serve/ itself
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+
+def parse_sets(assignments: list[str]) -> dict[str, dict]:
+    """['Watcher.user_config.poll_interval_s=2'] -> {'Watcher': {'user_config': {'poll_interval_s': 2}}}."""
+    out: dict[str, dict] = {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        parts = key.split(".")
+        if not sep or len(parts) < 2:
+            raise SystemExit(f"--set expects Deployment.option=value, got {assignment!r}")
+        node = out.setdefault(parts[0], {})
+        for part in parts[1:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", required=True, help="projection store URL")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--address", default=None, help="Ray cluster address; default: start a local instance")
+    parser.add_argument("--num-cpus", type=float, default=None, help="CPUs of a local instance")
+    parser.add_argument("--name", default="gmm-cil", help="application name")
+    parser.add_argument("--token-env", default="GMM_CIL_SERVE_TOKEN", help="environment variable with the token")
+    parser.add_argument("--config", default=None, help="config file (default serve/config.yaml)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="DEPLOYMENT.KEY=VALUE")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    from serve.app import DEFAULT_CONFIG, start
+
+    if args.address:
+        ray.init(address=args.address)
+    else:
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+    url = start(args.store, host=args.host, port=args.port, name=args.name, token=os.environ.get(args.token_env) or None,
+                deployments=parse_sets(args.sets), config_path=args.config or DEFAULT_CONFIG)
+    print(f"GMM-CIL serving at {url}  (POST {url}/v1/classify, GET {url}/v1/model; Ctrl-C stops)", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if not args.address:
+            serve.shutdown()
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

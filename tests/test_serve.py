@@ -1,0 +1,409 @@
+"""The serving application on real Ray Serve with the real small models (EfficientNet-Lite0, SmolLM2-135M,
+all-MiniLM-L6-v2): the API, bad input, the token, the autoscaling config, and version swaps under load.
+
+One application is started for the whole module (from serve/config.yaml, as `serve deploy` would) on a
+store this module publishes into. Test versions use disjoint class lists and different random projections,
+so a response that paired one version's projection with another's classes would show: every response is
+checked against the prediction computed here, in the test process, for the version it names.
+"""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+import httpx
+import numpy as np
+import pytest
+import ray
+import torch
+import yaml
+from PIL import Image
+from ray import serve
+
+from cil_platform.store import ProjectionStore
+from gmm_model import ModelStack, Projection
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-7f3a"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MAX_BYTES = 64 * 1024
+MAX_PIXELS = 256 * 256
+POLL_S = 1.0
+NAMES = [str(n) for n in np.load(REPO / "data" / "quickdraw345.npz")["class_names"]]
+CLASSES = {v: NAMES[8 * v: 8 * v + 8] for v in range(6)}  # disjoint class lists per version
+FINGERPRINT = ModelStack().fingerprint
+
+
+def drawing_png(index: int) -> bytes:
+    """A QuickDraw drawing as the training pipeline sees it: ink 255 on 0 inverted, three channels."""
+    images = np.load(REPO / "data" / "quickdraw345.npz")["images"]
+    rgb = np.repeat((255 - images[index, 0])[..., None], 3, axis=-1)
+    out = io.BytesIO()
+    Image.fromarray(rgb).save(out, format="PNG")
+    return out.getvalue()
+
+
+IMAGES = [drawing_png(3), drawing_png(40)]
+
+
+def weights(seed: int) -> bytes:
+    torch.manual_seed(seed)
+    return Projection(1280, 576).to_bytes()
+
+
+def publish(store: ProjectionStore, version: int, fingerprint: str = FINGERPRINT):
+    return store.publish(version, weights(100 + version), CLASSES[version], fingerprint)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    store: ProjectionStore
+
+    def classify(self, image: bytes = IMAGES[0], *, top_k: int = 8, headers=None, client=None, **params):
+        post = (client or httpx).post
+        return post(f"{self.url}/v1/classify", content=image, params={"top_k": top_k, **params},
+                    headers={"Content-Type": "image/png", **AUTH, **(headers or {})}, timeout=120)
+
+    def served(self) -> int:
+        response = httpx.get(f"{self.url}/v1/model", headers=AUTH, timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()["version"]
+
+    def wait_served(self, version: int, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.served() != version:
+            assert time.monotonic() < deadline, f"version {version} not served after {timeout_s}s"
+            time.sleep(0.25)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Server:
+    from serve.app import start
+
+    store = ProjectionStore(str(tmp_path_factory.mktemp("serve") / "store"))
+    publish(store, 0)
+    if ray.is_initialized():  # another module's session-scoped cluster: start clean
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        url = start(store.url, port=free_port(), token=TOKEN,
+                    args={"max_image_bytes": MAX_BYTES, "max_image_pixels": MAX_PIXELS},
+                    deployments={"Watcher": {"user_config": {"poll_interval_s": POLL_S}}})
+        yield Server(url, store)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Expected (label, score) of each test image under each version, computed here with `predict`."""
+    from gmm_model import GMM, create_encoder, create_gmm
+    from gmm_model.predict import predict
+    from serve.inputs import decode_image
+
+    torch.set_num_threads(1)
+    stack = ModelStack()
+    encoder = create_encoder(stack)
+    base = create_gmm(stack, encoder.width, os.environ.get("GMM_CIL_CACHE", os.path.expanduser("~/.cache/gmm-cil")))
+    visual = encoder.encode([decode_image(image, MAX_PIXELS) for image in IMAGES])
+    cache: dict[int, list[tuple[str, float]]] = {}
+
+    def expected(version: int) -> list[tuple[str, float]]:
+        if version not in cache:
+            projection = Projection(1280, 576).load_bytes(weights(100 + version))
+            gmm = GMM(base.llm, base.tokenizer, projection, stack.prompt)
+            cache[version] = [(p.label, p.score) for p in predict(gmm, visual, CLASSES[version], "trie")]
+        return cache[version]
+
+    return expected
+
+
+def check_consistent(body: dict, image_index: int, reference) -> None:
+    """The response is exactly what its version's projection says over its version's classes."""
+    version = body["version"]
+    assert body["task"] == version
+    classes = CLASSES[version]
+    assert body["label"] in classes
+    assert [e["label"] for e in body["top_k"]][0] == body["label"]
+    assert {e["label"] for e in body["top_k"]} == set(classes)  # top_k = all 8 classes of that version
+    label, score = reference(version)[image_index]
+    assert body["label"] == label and body["score"] == pytest.approx(score, abs=2e-2), (body, label, score)
+
+
+def serve_details():
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    return ServeInstanceDetails(**_get_global_client().get_serve_details()).applications["gmm-cil"]
+
+
+# ---- the API ------------------------------------------------------------------------------------------
+
+def test_healthz_needs_no_token(server):
+    response = httpx.get(f"{server.url}/healthz", timeout=30)
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_model_info(server):
+    response = httpx.get(f"{server.url}/v1/model", headers=AUTH, timeout=30)
+    assert response.status_code == 200
+    info = response.json()
+    assert info["version"] == 0 and info["task"] == 0 and info["seen_classes"] == CLASSES[0]
+    assert info["stack_fingerprint"] == FINGERPRINT and info["decode"] == "trie"
+
+
+def test_classify_raw_bytes_and_multipart(server, reference):
+    raw = server.classify(IMAGES[0])
+    assert raw.status_code == 200, raw.text
+    body = raw.json()
+    assert set(body) >= {"label", "score", "text", "top_k", "version", "task"}
+    assert body["text"] == f"This is a photo of a {body['label']}."
+    check_consistent(body, 0, reference)
+
+    upload = httpx.post(f"{server.url}/v1/classify", params={"top_k": 8}, headers=AUTH, timeout=120,
+                        files={"file": ("drawing.png", IMAGES[1], "image/png")})
+    assert upload.status_code == 200, upload.text
+    check_consistent(upload.json(), 1, reference)
+
+    top2 = server.classify(IMAGES[0], top_k=2).json()
+    assert len(top2["top_k"]) == 2 and top2["label"] == body["label"]
+    default = httpx.post(f"{server.url}/v1/classify", content=IMAGES[0], timeout=120,
+                         headers={"Content-Type": "image/png", **AUTH}).json()
+    assert len(default["top_k"]) == 1
+
+
+def test_free_decoding_goes_through_the_matcher(server):
+    response = server.classify(IMAGES[1], top_k=3, decode="free")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["decode"] == "free" and body["version"] == 0 and body["label"] in CLASSES[0]
+    assert body["text"]  # what the LLM wrote; the matcher mapped it to a class
+    scores = [e["score"] for e in body["top_k"]]
+    assert len(scores) == 3 and all(-1.0 <= s <= 1.0 for s in scores) and scores == sorted(scores, reverse=True)
+
+
+def chunked(data: bytes):
+    yield data[: len(data) // 2]
+    yield data[len(data) // 2:]
+
+
+def bad_requests(url: str) -> list[tuple[str, dict, int]]:
+    """(name, httpx.post kwargs, expected status)."""
+    classify = f"{url}/v1/classify"
+    png = IMAGES[0]
+    big = np.random.default_rng(0).integers(0, 255, MAX_BYTES + 10, dtype=np.uint8).tobytes()
+    out = io.BytesIO()
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(out, format="PNG")  # 90,000 px > MAX_PIXELS
+    many_pixels = out.getvalue()
+
+    def raw(body, ctype="image/png", **params):
+        headers = {**AUTH, **({"Content-Type": ctype} if ctype else {})}
+        return {"url": classify, "content": body, "headers": headers, "params": params}
+
+    def form(files):
+        return {"url": classify, "files": files, "headers": AUTH}
+
+    return [
+        ("empty body", raw(b""), 400),
+        ("not an image", raw(b"certainly not a png"), 400),
+        ("truncated png", raw(png[: len(png) // 2]), 400),
+        ("text content type", raw(png, "text/plain"), 415),
+        ("json content type", raw(b'{"image": 1}', "application/json"), 415),
+        ("octet-stream", raw(png, "application/octet-stream"), 415),
+        ("no content type", raw(png, None), 415),
+        ("too many bytes", raw(big), 413),
+        ("too many bytes, chunked", raw(chunked(big)), 413),
+        ("too many pixels", raw(many_pixels), 413),
+        ("top_k zero", raw(png, top_k=0), 422),
+        ("top_k not a number", raw(png, top_k="many"), 422),
+        ("top_k over the limit", raw(png, top_k=10_000), 422),
+        ("unknown decoding", raw(png, decode="beam"), 422),
+        ("multipart without file", form({"image": ("a.png", png, "image/png")}), 400),
+        ("multipart field, no file", form({"file": (None, b"just a string")}), 400),
+        ("multipart text file", form({"file": ("a.txt", b"hello", "text/plain")}), 415),
+        ("multipart not an image", form({"file": ("a.png", b"garbage", "image/png")}), 400),
+        ("multipart too large", form({"file": ("a.png", big, "image/png")}), 413),
+    ]
+
+
+def test_bad_input_is_a_4xx_with_a_message(server):
+    failures = []
+    for name, kwargs, status in bad_requests(server.url):
+        response = httpx.post(timeout=60, **{k: v for k, v in kwargs.items() if v is not None})
+        detail = response.json().get("detail") if response.headers.get("content-type") == "application/json" else None
+        if response.status_code != status or not detail:
+            failures.append(f"{name}: {response.status_code} {response.text[:200]}")
+    assert not failures, "\n".join(failures)
+    assert server.classify(IMAGES[0]).status_code == 200  # and the service is still fine
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/v1/model"), ("POST", "/v1/classify"),
+                                          ("POST", "/v1/admin/reload")])
+def test_token_protects_everything_but_healthz(server, method, path):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
+                    {"Authorization": f"Basic {TOKEN}"}):
+        response = httpx.request(method, f"{server.url}{path}", headers={"Content-Type": "image/png", **headers},
+                                 content=IMAGES[0] if method == "POST" else None, timeout=30)
+        assert response.status_code == 401, (headers, response.text)
+        assert response.json()["detail"] and response.headers["www-authenticate"] == "Bearer"
+
+
+# ---- deployment config --------------------------------------------------------------------------------
+
+def test_autoscaling_config_from_the_config_file_is_honoured(server):
+    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    declared = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    app = serve_details()
+    assert app.status == "RUNNING"
+    for name in ("Ingress", "Captioner", "Matcher"):
+        deployment = app.deployments[name]
+        live = deployment.deployment_config.autoscaling_config
+        live = live if isinstance(live, dict) else live.model_dump()
+        for key, value in declared[name]["autoscaling_config"].items():
+            assert live[key] == value, (name, key)
+        assert deployment.deployment_config.ray_actor_options.num_cpus == declared[name]["ray_actor_options"]["num_cpus"]
+        assert deployment.deployment_config.max_ongoing_requests == declared[name]["max_ongoing_requests"]
+        low, high = live["min_replicas"], live["max_replicas"]
+        assert low <= deployment.target_num_replicas <= high
+        assert low <= sum(r.state == "RUNNING" for r in deployment.replicas) <= high
+    assert app.deployments["Watcher"].target_num_replicas == 1
+    assert app.deployments["Captioner"].deployment_config.user_config["max_batch_size"] == 8
+
+
+# ---- version swaps ------------------------------------------------------------------------------------
+
+class Load:
+    """Closed-loop clients: each thread sends its next request when the previous one is answered."""
+
+    def __init__(self, server: Server, threads: int = 4):
+        self.server, self.stop = server, threading.Event()
+        self.results: list[tuple[float, float, int, int, dict | str]] = []  # start, end, image, status, body
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, index: int) -> None:
+        with httpx.Client() as client:
+            n = 0
+            while not self.stop.is_set():
+                image = (index + n) % len(IMAGES)
+                n += 1
+                started = time.monotonic()
+                try:
+                    response = self.server.classify(IMAGES[image], client=client)
+                    status = response.status_code
+                    body = response.json() if status == 200 else response.text
+                except Exception as error:  # a failed request is a result too
+                    status, body = -1, repr(error)
+                with self.lock:
+                    self.results.append((started, time.monotonic(), image, status, body))
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=120)
+
+
+def captioner_replicas() -> set[str]:
+    return {r.replica_id for r in serve_details().deployments["Captioner"].replicas}
+
+
+def test_swap_under_load_by_announcement(server, reference):
+    from serve.client import announce
+
+    reference(0), reference(1)  # computed up front, not while the load runs
+    replicas = captioner_replicas()
+    with Load(server) as load:
+        time.sleep(3)
+        publish(server.store, 1)
+        announced = announce(server.url, 1, TOKEN)
+        done = time.monotonic()
+        time.sleep(3)
+    assert announced["version"] == 1 and announced["task"] == 1 and announced["settled"] is True
+    assert announced["previous"] in (0, 1)  # the store poller may have seen version 1 first
+
+    failed = [r for r in load.results if r[3] != 200]
+    assert not failed, failed[:5]
+    for _, _, image, _, body in load.results:
+        check_consistent(body, image, reference)
+    versions = [body["version"] for *_, body in sorted(load.results)]
+    assert versions[0] == 0 and versions[-1] == 1
+    assert versions == sorted(versions)  # no flapping back to the old version
+    assert all(body["version"] == 1 for start, _, _, _, body in load.results if start > done)
+    assert len(load.results) >= 8
+    assert captioner_replicas() == replicas  # swapped in place: no replica was replaced
+    assert server.served() == 1
+
+
+def test_the_store_is_polled_for_new_versions(server, reference):
+    assert server.served() == 1
+    publish(server.store, 2)
+    server.wait_served(2, timeout_s=30)
+    response = server.classify(IMAGES[1])
+    assert response.status_code == 200
+    check_consistent(response.json(), 1, reference)
+
+
+def test_an_announced_roll_back_stays_until_a_newer_version(server, reference):
+    from serve.client import announce
+
+    result = announce(server.url, 0, TOKEN)
+    assert result["version"] == 0 and result["previous"] == 2 and result["settled"]
+    assert server.served() == 0
+    time.sleep(3 * POLL_S)
+    assert server.served() == 0  # the poller does not undo the roll-back to re-serve version 2
+    check_consistent(server.classify(IMAGES[0]).json(), 0, reference)
+    publish(server.store, 3)
+    server.wait_served(3, timeout_s=30)  # but a newer version moves the app on
+
+
+def test_unusable_versions_are_refused(server):
+    from serve.client import AnnounceError, announce
+
+    with pytest.raises(AnnounceError) as missing:
+        announce(server.url, 99, TOKEN)
+    assert missing.value.status == 404
+
+    publish(server.store, 4, fingerprint="0123456789ab")  # trained for another model stack
+    with pytest.raises(AnnounceError) as other_stack:
+        announce(server.url, 4, TOKEN)
+    assert other_stack.value.status == 409 and "stack" in other_stack.value.detail
+
+    publish(server.store, 5)
+    weights_file = Path(server.store.root) / "v0005" / "projection.safetensors"
+    data = bytearray(weights_file.read_bytes())
+    data[-1] ^= 0xFF  # same size, different bytes: the sha256 in the manifest no longer matches
+    weights_file.write_bytes(bytes(data))
+    with pytest.raises(AnnounceError) as corrupt:
+        announce(server.url, 5, TOKEN)
+    assert corrupt.value.status == 409 and "sha256" in corrupt.value.detail
+
+    time.sleep(3 * POLL_S)  # the poller saw versions 4 and 5 as the latest and refused them too
+    assert server.served() == 3
+    assert server.classify(IMAGES[0]).json()["version"] == 3
+
+    for body in (b'{"version": -1}', b"not json", b'{"version": 1, "colour": "red"}', b"\x89PNG\r\n"):
+        bad = httpx.post(f"{server.url}/v1/admin/reload", content=body, headers=AUTH, timeout=30)
+        assert bad.status_code == 422 and bad.json()["detail"], body
