@@ -48,9 +48,7 @@ class TrainConfig(Strict):
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
     num_workers: int = Field(2, ge=1)
     threads_per_worker: int = Field(1, ge=1)
-    backend: Literal["torch", "deepspeed"] = "torch"
-    deepspeed_config: str | None = None
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="one GPU per worker; the frozen LLM and the projection move to it")
 
 
 class ReplayConfig(Strict):
@@ -84,6 +82,8 @@ class ExperimentConfig(Strict):
     cache_dir: str = Field(default_factory=lambda: os.environ.get("GMM_CIL_CACHE", "~/.cache/gmm-cil"))
     store_url: str | None = Field(None, description="projection store; default <output_dir>/store")
     ray_address: str | None = None
+    announce_url: str | None = Field(None, description="a running serve/ app to tell of every new version "
+                                                       "(bearer token from $GMM_CIL_SERVE_TOKEN)")
 
     @field_validator("model", mode="before")
     @classmethod

@@ -39,7 +39,8 @@ def init_ray(address: str | None) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_USAGE_STATS_ENABLED": "0"}},
+        ray.init(address="local",  # a new local instance, never a stray `ray start` cluster on this machine
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_USAGE_STATS_ENABLED": "0"}},
                  include_dashboard=False, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
@@ -124,8 +125,10 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                                  cfg.cache_dir, cfg.train, cfg.replay.ratio if cfg.replay.mode != "none" else 0.0,
                                  storage, cfg.seed)
             projection = trained.projection
-            store.publish(task.index, projection, seen, cfg.stack.fingerprint,
-                          extra={"experiment": cfg.name, "replay": cfg.replay.mode})
+            manifest = store.publish(task.index, projection, seen, cfg.stack.fingerprint,
+                                     extra={"experiment": cfg.name, "replay": cfg.replay.mode})
+            if cfg.announce_url:
+                announce_to_service(cfg.announce_url, manifest.version)
             t1 = time.perf_counter()
             if prototypes:
                 prototypes.learn(task_train, seen)
@@ -177,6 +180,16 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     print(format_table(results))
     print(f"wrote {', '.join(paths.values())} in {results['seconds']:.0f}s")
     return results
+
+
+def announce_to_service(url: str, version: int) -> None:
+    """Tell a running service of a new version; a serving problem never fails the experiment."""
+    from serve.client import AnnounceError, announce
+
+    try:
+        announce(url, version, token=os.environ.get("GMM_CIL_SERVE_TOKEN"), wait=False)
+    except AnnounceError as error:
+        log.warning("could not announce version %d to %s: %s", version, url, error)
 
 
 def _record(row: dict, acc_row: list[float], overall: float, seconds: float) -> None:

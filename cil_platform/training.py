@@ -5,7 +5,8 @@ own equal shard of a seeded permutation. (Feeding them through a Ray Dataset ins
 actor processes per fit, several seconds each on a small node, for data that fits in memory.) Each worker loads the frozen LLM itself (a fast safetensors read once de-quantised), wraps only
 the projection for data parallelism (DDP on gloo here; DeepSpeed is selected by config), and
 draws replayed samples of old classes from the memory's payload into every batch. A fresh AdamW
-with linear warm-up and cosine decay is created per task. Rank 0 reports a checkpoint (projection,
+with linear warm-up and cosine decay is created per task. (DeepSpeed is the planned second backend of
+this loop: see the scale-out issue.) Rank 0 reports a checkpoint (projection,
 optimizer, scheduler, epoch) after every epoch, so a restarted worker group resumes from it.
 """
 from __future__ import annotations
@@ -91,6 +92,7 @@ def train_task_loop(config: dict) -> None:
     torch.manual_seed(config["seed"])
     rng = np.random.default_rng([config["seed"], rank])
     gmm = create_gmm(config["stack"], config["visual_width"], config["cache_dir"], config["projection"])
+    gmm.to(ray.train.torch.get_device())
     projection = gmm.projection
     optimizer = torch.optim.AdamW(projection.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     scheduler = warmup_cosine(optimizer, config["steps_per_epoch"] * config["epochs"], config["warmup_fraction"])

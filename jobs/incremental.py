@@ -25,9 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set scenario.increment=5 (repeatable)")
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    parser.add_argument("--announce", metavar="URL", help="a running serve/ app to move to each new version")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = args.overrides + ([f"ray_address={args.address}"] if args.address else [])
+    overrides = args.overrides + ([f"ray_address={args.address}"] if args.address else []) + (
+        [f"announce_url={args.announce}"] if args.announce else [])
     try:
         config = load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as error:

@@ -492,6 +492,10 @@ class Ingress:
             raise HTTPException(503, "no model version has been published to the store yet")
         return result
 
+    async def announce(self, version: int | None = None, wait: bool = True) -> dict:
+        """For handle callers in the cluster (serve.client.announce_version): what /v1/admin/reload does."""
+        return await self.watcher.announce.remote(version, wait)
+
     @api.post("/v1/admin/reload")
     async def reload(self, request: Request) -> JSONResponse:
         """Body: optional JSON {"version": N, "wait": true}; an empty body means the store's latest."""

@@ -117,7 +117,10 @@ def run_load(url: str, token: str | None, clients: int, duration_s: float, swap_
         thread.start()
     time.sleep(swap_at_s)
     swap_start = time.monotonic()
-    swap_result = swap()
+    try:
+        swap_result = swap()
+    except Exception as error:  # report the load figures all the same
+        swap_result = {"version": None, "previous": None, "settled": False, "error": repr(error)}
     swap_end = time.monotonic()
     time.sleep(max(0.0, t0 + duration_s - time.monotonic()))
     stop.set()
@@ -152,9 +155,11 @@ def launch(store_dir: str, port: int) -> str:
             weights = Projection(1280, 576).to_bytes()
         store.publish(version, weights, names[: 10 * (version + 1)], stack.fingerprint)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    # poll rarely: the swap under measurement is the announced one
-    return start(store_dir, port=port, deployments={"Watcher": {"user_config": {"poll_interval_s": 3600}}})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # start pinned on version 0 and poll rarely: the swap under measurement is the announced one, to version 1
+    return start(store_dir, port=port, deployments={"Captioner": {"user_config": {"version": 0}},
+                                                    "Matcher": {"user_config": {"version": 0}},
+                                                    "Watcher": {"user_config": {"poll_interval_s": 3600}}})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -199,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [p.summary() for p in phases]
     print(f"\n{args.clients} closed-loop clients, {args.duration:.0f}s, swap to version {swap['version']} "
           f"(from {swap['previous']}) announced at {args.swap_at:.0f}s, settled={swap['settled']} "
-          f"in {swap['swap_seconds']}s\n")
+          f"in {swap['swap_seconds']}s{'  ERROR: ' + swap['error'] if 'error' in swap else ''}\n")
     print(f"{'phase':<13} {'s':>6} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
           f"{'errors':>6}  versions")
     for r in rows:

@@ -7,9 +7,12 @@ Only httpx and the standard library at import time, so a training job can import
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
 
 
 class AnnounceError(RuntimeError):
@@ -49,12 +52,14 @@ def announce(url: str, version: int | None = None, token: str | None = None, *, 
     return response.json()
 
 
-def announce_version(version: int | None = None, app_name: str = "gmm-cil", *, wait: bool = True) -> dict[str, Any]:
-    """The same from a process connected to the app's Ray cluster (no HTTP, no token): asks the app's
-    Watcher deployment directly."""
+def announce_version(app: "str | DeploymentHandle" = "gmm-cil", version: int | None = None, *,
+                     wait: bool = True) -> dict[str, Any]:
+    """The same from a process connected to the app's Ray cluster, without HTTP or token: `app` is the
+    application's name or its handle (`serve.get_app_handle(name)`)."""
     from ray import serve
 
-    result = serve.get_deployment_handle("Watcher", app_name).announce.remote(version, wait).result()
+    handle = serve.get_app_handle(app) if isinstance(app, str) else app
+    result = handle.announce.remote(version, wait).result()
     status = result.pop("status")
     if status != 200:
         raise AnnounceError(status, result["detail"])

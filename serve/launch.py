@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.address:
         ray.init(address=args.address)
     else:
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
     url = start(args.store, host=args.host, port=args.port, name=args.name, token=os.environ.get(args.token_env) or None,
                 deployments=parse_sets(args.sets), config_path=args.config or DEFAULT_CONFIG)
     print(f"GMM-CIL serving at {url}  (POST {url}/v1/classify, GET {url}/v1/model; Ctrl-C stops)", flush=True)

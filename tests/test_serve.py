@@ -101,7 +101,7 @@ def server(tmp_path_factory) -> Server:
     publish(store, 0)
     if ray.is_initialized():  # another module's session-scoped cluster: start clean
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a `ray start` cluster
     try:
         url = start(store.url, port=free_port(), token=TOKEN,
                     args={"max_image_bytes": MAX_BYTES, "max_image_pixels": MAX_PIXELS},
@@ -367,9 +367,9 @@ def test_the_store_is_polled_for_new_versions(server, reference):
 
 
 def test_an_announced_roll_back_stays_until_a_newer_version(server, reference):
-    from serve.client import announce
+    from serve.client import announce_version
 
-    result = announce(server.url, 0, TOKEN)
+    result = announce_version(serve.get_app_handle("gmm-cil"), 0)  # in-cluster, through a handle
     assert result["version"] == 0 and result["previous"] == 2 and result["settled"]
     assert server.served() == 0
     time.sleep(3 * POLL_S)
