@@ -70,7 +70,7 @@ class EvalConfig(Strict):
 class ExperimentConfig(Strict):
     name: str = "demo"
     seed: int = 0
-    model: ModelStack | str = "offline-small"
+    model: ModelStack | str = Field("offline-small", validate_default=True)
     dataset: DatasetConfig = DatasetConfig()
     scenario: ScenarioConfig = ScenarioConfig()
     alignment: AlignmentConfig = AlignmentConfig()
