@@ -29,7 +29,8 @@ def test_job_moves_a_running_service_to_each_new_version(tmp_path, monkeypatch):
     monkeypatch.setenv("GMM_CIL_SERVE_TOKEN", TOKEN)
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # the service's replicas reserve 1.25 CPUs; the training workers need whole ones beside them
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     store_url = str(tmp_path / "store")
     try:
         url = start(store_url, port=free_port(), token=TOKEN)
