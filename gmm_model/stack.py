@@ -48,15 +48,9 @@ PRESETS: dict[str, ModelStack] = {"offline-small": ModelStack()}
 
 
 def create_encoder(stack: ModelStack) -> VisionEncoder:
-    if stack.encoder.startswith("efficientnet-lite"):
-        if stack.encoder not in ENCODERS:
-            raise ValueError(f"unknown encoder {stack.encoder!r}; known: {', '.join(ENCODERS)}")
+    if stack.encoder in ENCODERS:
         return EfficientNetLiteEncoder(stack.encoder, stack.image_size, stack.grid)
     raise ValueError(f"unknown encoder {stack.encoder!r}; known: {', '.join(ENCODERS)}")
-
-
-def encoder_width(stack: ModelStack) -> int:
-    return create_encoder(stack).width
 
 
 def create_matcher(stack: ModelStack) -> TextMatcher:
