@@ -14,6 +14,7 @@ from pathlib import Path
 import ray
 
 from gmm_model import create_encoder
+from gmm_model.vision import VisionEncoder
 
 from .alignment import AlignedProjection, alignment_classes, default_aligned_path, read_aligned, write_aligned
 from .baselines import NearestClassMean, make_baseline
@@ -45,15 +46,16 @@ def init_ray(address: str | None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-def features_for(cfg: ExperimentConfig, classes: list[str], **dataset_overrides) -> tuple[FeatureTable, FeatureTable]:
+def features_for(cfg: ExperimentConfig, encoder: VisionEncoder, classes: list[str],
+                 **dataset_overrides) -> tuple[FeatureTable, FeatureTable]:
+    """Cached frozen features of the train and test split of `classes` (computed where missing)."""
     splits = load_dataset(cfg.dataset.model_copy(update=dataset_overrides), classes=classes)
-    encoder_identity = create_encoder(cfg.stack).identity
-    cache = FeatureCache(str(Path(cfg.cache_dir) / "features"), encoder_identity)
+    cache = FeatureCache(str(Path(cfg.cache_dir) / "features"), encoder.identity)
     train, test = extract_features([splits.train, splits.test], cfg.stack, cache, actors=cfg.eval.actors)
     return train, test
 
 
-def resolve_alignment(cfg: ExperimentConfig, class_names: list[str], visual_width: int) -> AlignedProjection | None:
+def resolve_alignment(cfg: ExperimentConfig, class_names: list[str], encoder: VisionEncoder) -> AlignedProjection | None:
     """The configured, shipped or cached aligned projection; built (one Ray Train fit) when absent."""
     if not cfg.alignment.enabled:
         return None
@@ -64,18 +66,18 @@ def resolve_alignment(cfg: ExperimentConfig, class_names: list[str], visual_widt
         if path.is_file():
             return read_aligned(str(path))
     log.warning("no aligned projection for stack %s; building it (stage 1)", cfg.stack.fingerprint)
-    aligned = build_alignment(cfg, class_names, visual_width)
+    aligned = build_alignment(cfg, class_names, encoder)
     write_aligned(str(cached), aligned.weights, aligned.classes, cfg.stack, "built on first use")
     return read_aligned(str(cached))
 
 
-def build_alignment(cfg: ExperimentConfig, class_names: list[str], visual_width: int) -> AlignedProjection:
+def build_alignment(cfg: ExperimentConfig, class_names: list[str], encoder: VisionEncoder) -> AlignedProjection:
     align = cfg.alignment
     classes = alignment_classes(class_names, align.num_classes, align.class_seed,
                                 reserved=set(cfg.scenario.class_order or []))
-    train, _ = features_for(cfg, classes, train_per_class=align.train_per_class, test_per_class=1)
+    train, _ = features_for(cfg, encoder, classes, train_per_class=align.train_per_class, test_per_class=1)
     train_cfg = cfg.train.model_copy(update={"epochs": align.epochs, "lr": align.lr})
-    result = train_task(-1, train, None, None, cfg.stack, visual_width, cfg.cache_dir, train_cfg, 0.0,
+    result = train_task(-1, train, None, None, cfg.stack, encoder.width, cfg.cache_dir, train_cfg, 0.0,
                         str(Path(cfg.output_dir, "ray_train").resolve()), cfg.seed)
     return AlignedProjection(result.projection, classes, "stage-1")
 
@@ -85,16 +87,17 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     init_ray(cfg.ray_address)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    visual_width = create_encoder(cfg.stack).width
+    encoder = create_encoder(cfg.stack)  # the driver's copy: its width and identity (the actor pool encodes)
+    visual_width = encoder.width
     all_classes = dataset_class_names(cfg.dataset)
-    aligned = resolve_alignment(cfg, all_classes, visual_width)
+    aligned = resolve_alignment(cfg, all_classes, encoder)
     held_out = set(aligned.classes) if aligned else set()
     if cfg.scenario.class_order and held_out & set(cfg.scenario.class_order):
         raise ValueError(f"scenario classes overlap the alignment classes: {sorted(held_out & set(cfg.scenario.class_order))}")
     scenario = ClassIncremental([c for c in all_classes if c not in held_out], cfg.scenario.initial,
                                 cfg.scenario.increment, cfg.scenario.num_classes, cfg.scenario.order_seed,
                                 cfg.scenario.class_order)
-    train, test = features_for(cfg, scenario.class_order)
+    train, test = features_for(cfg, encoder, scenario.class_order)
     print(f"{scenario.name}: {len(scenario)} tasks, {len(train)} train / {len(test)} test images, "
           f"skipped {dict(train.skipped + test.skipped) or 0}; features ready at {time.perf_counter() - started:.0f}s",
           flush=True)

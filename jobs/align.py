@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     init_ray(cfg.ray_address)
     start = time.perf_counter()
-    aligned = build_alignment(cfg, dataset_class_names(cfg.dataset), create_encoder(cfg.stack).width)
+    aligned = build_alignment(cfg, dataset_class_names(cfg.dataset), create_encoder(cfg.stack))
     out = args.out or str(default_aligned_path(cfg.stack, cfg.cache_dir)[0])
     write_aligned(out, aligned.weights, aligned.classes, cfg.stack, f"jobs/align.py on {cfg.dataset.kind}")
     print(f"aligned projection on {len(aligned.classes)} classes -> {out} ({time.perf_counter() - start:.0f}s)")

@@ -55,9 +55,11 @@ def compare_decoders(cfg) -> dict:
     """Accuracy and images/s of trie and free decoding with the final projection of a finished run."""
     import time
 
-    manifest, weights = ProjectionStore(cfg.store_url).load(ProjectionStore(cfg.store_url).versions()[-1])
-    _, test = features_for(cfg, manifest.seen_classes)
-    width = create_encoder(cfg.stack).width
+    store = ProjectionStore(cfg.store_url)
+    manifest, weights = store.load(store.versions()[-1])
+    encoder = create_encoder(cfg.stack)
+    _, test = features_for(cfg, encoder, manifest.seen_classes)
+    width = encoder.width
     out = {}
     for mode in ("trie", "free"):
         pool = EvaluatorPool(cfg.eval.actors, cfg.stack, width, cfg.cache_dir, mode, cfg.eval.batch_size)
