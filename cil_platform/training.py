@@ -90,7 +90,6 @@ def train_task_loop(config: dict) -> None:
     torch.set_num_threads(config["threads"])
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(config["seed"])
-    rng = np.random.default_rng([config["seed"], rank])
     gmm = create_gmm(config["stack"], config["visual_width"], config["cache_dir"], config["projection"])
     gmm.to(ray.train.torch.get_device())
     projection = gmm.projection
@@ -102,6 +101,7 @@ def train_task_loop(config: dict) -> None:
     world = config["world_size"]
     for epoch in range(start_epoch, config["epochs"]):
         losses, images = [], 0
+        rng = np.random.default_rng([config["seed"], rank, epoch])  # per epoch: a restart from epoch k replays alike
         for rows in shard_batches(len(labels_all), world, rank, config["batch_size"], config["seed"] + epoch):
             labels = [labels_all[i] for i in rows]
             features = features_all[rows].astype(np.float32)
