@@ -49,6 +49,9 @@ class TrainConfig(Strict):
     num_workers: int = Field(2, ge=1)
     threads_per_worker: int = Field(1, ge=1)
     use_gpu: bool = Field(False, description="one GPU per worker; the frozen LLM and the projection move to it")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement of the workers: PACK fills a node first (Ray's default), SPREAD "
+                            "puts them on different nodes where it can")
 
 
 class ReplayConfig(Strict):

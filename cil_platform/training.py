@@ -144,7 +144,8 @@ def train_task(task_index: int, features: FeatureTable, projection: bytes | None
         train_task_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=train_cfg.use_gpu,
-                                     resources_per_worker={"CPU": train_cfg.threads_per_worker}),
+                                     resources_per_worker={"CPU": train_cfg.threads_per_worker},
+                                     placement_strategy=train_cfg.placement_strategy),
         run_config=RunConfig(name=f"task-{task_index:03d}", storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
