@@ -34,7 +34,7 @@ class Evaluator:
         fuse = prototypes is not None and self.mode == "trie"
         if fuse:
             out["trie+ncm"] = []
-            protos = torch.from_numpy(prototypes)
+            protos = torch.tensor(prototypes)  # a copy: arrays from Ray's object store are read-only
         for start in range(0, len(features), batch_size):
             visual = torch.from_numpy(features[start:start + batch_size].astype(np.float32))
             if fuse:

@@ -11,6 +11,7 @@ optimizer, scheduler, epoch) after every epoch, so a restarted worker group resu
 """
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -31,6 +32,8 @@ from .replay import sample_replay
 
 PROJECTION_FILE = "projection.safetensors"
 STATE_FILE = "trainer_state.pt"
+# a logger, not print: Ray Train tees a worker's print to stdout and to its log, so each line showed twice
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -116,8 +119,8 @@ def train_task_loop(config: dict) -> None:
             losses.append(loss.item())
             images += len(labels)  # new and replayed samples
             if rank == 0 and len(losses) % config["log_every"] == 0:
-                print(f"  task {config['task']} epoch {epoch + 1}/{config['epochs']} step {len(losses)}/"
-                      f"{config['steps_per_epoch']}: loss {np.mean(losses[-config['log_every']:]):.3f}", flush=True)
+                log.info("task %s epoch %d/%d step %d/%d: loss %.3f", config["task"], epoch + 1, config["epochs"],
+                         len(losses), config["steps_per_epoch"], np.mean(losses[-config["log_every"]:]))
         metrics = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "images": images}
         _report(epoch, metrics, projection, optimizer, scheduler, rank)
 
