@@ -121,7 +121,8 @@ def train_task_loop(config: dict) -> None:
             if rank == 0 and len(losses) % config["log_every"] == 0:
                 log.info("task %s epoch %d/%d step %d/%d: loss %.3f", config["task"], epoch + 1, config["epochs"],
                          len(losses), config["steps_per_epoch"], np.mean(losses[-config["log_every"]:]))
-        metrics = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "images": images}
+        metrics = {"epoch": epoch, "start_epoch": start_epoch,  # start_epoch > 0: this worker group was restored
+                   "loss": float(np.mean(losses)) if losses else float("nan"), "images": images}
         _report(epoch, metrics, projection, optimizer, scheduler, rank)
 
 
