@@ -52,6 +52,22 @@ class TrainConfig(Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement of the workers: PACK fills a node first (Ray's default), SPREAD "
                             "puts them on different nodes where it can")
+    backend: Literal["ddp", "deepspeed"] = Field("ddp", description="how workers wrap, step and checkpoint "
+                                                                    "the projection: torch DDP or DeepSpeed")
+    deepspeed_config: str | None = Field(None, description="DeepSpeed JSON (ZeRO stage, precision); default "
+                                                           "configs/deepspeed/zero2-bf16-gpu.json with use_gpu, "
+                                                           "else configs/deepspeed/zero0-fp32-cpu.json")
+
+    @model_validator(mode="after")
+    def _deepspeed(self):
+        """Refuse a DeepSpeed JSON that cannot run with these settings now, not in a worker later."""
+        if self.backend == "deepspeed":
+            from .deepspeed_config import deepspeed_settings
+
+            deepspeed_settings(self.deepspeed_config, self.use_gpu, self.batch_size, self.num_workers)
+        elif self.deepspeed_config is not None:
+            raise ValueError("train.deepspeed_config is set but train.backend is 'ddp'; set train.backend=deepspeed")
+        return self
 
 
 class ReplayConfig(Strict):
