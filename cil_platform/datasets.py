@@ -1,12 +1,14 @@
 """A dataset source becomes two splits (train, test) of labelled RGB images as Ray Datasets.
 
-Two sources:
+Sources:
 - "quickdraw": the embedded QuickDraw-345 archive (data/quickdraw345.npz). Fixed split per class:
   drawings 0..79 train, 80..99 test. Drawings are turned into dark ink on white, as 3 channels,
   so they look like natural images to ImageNet encoders.
 - "folder": `<root>/<class>/<files>`, or `<root>/train/<class>/...` with `<root>/test/<class>/...`,
   on a local path or any fsspec URL. Without train/ and test/, a stable hash of each file's
   relative path puts it in test with probability `test_fraction`, so adding files never moves others.
+- "imagenet_r", "cifar100", "tiny_imagenet": the standard on-disk layouts of those benchmarks, with
+  human-readable class names (cil_platform/layouts.py; docs/datasets.md).
 
 Every row is {"key", "label", "image", "error"}. `key` is the sha1 of the image content (the
 feature-cache key). A file that cannot be read or decoded does not stop the run: its row carries
@@ -48,11 +50,12 @@ class DatasetConfig(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra="forbid")
 
-    kind: Literal["quickdraw", "folder"] = "quickdraw"
-    path: str | None = None  # quickdraw: QUICKDRAW_PATH when None; folder: required, local path or fsspec URL
+    kind: Literal["quickdraw", "folder", "imagenet_r", "cifar100", "tiny_imagenet"] = "quickdraw"
+    path: str | None = None  # quickdraw: QUICKDRAW_PATH when None; others: required, local path or fsspec URL
     train_per_class: int | None = pydantic.Field(default=None, ge=0)  # first N per class in a fixed order
     test_per_class: int | None = pydantic.Field(default=None, ge=0)
-    test_fraction: float = pydantic.Field(default=0.2, ge=0.0, le=1.0)  # folder without train/ and test/
+    test_fraction: float = pydantic.Field(default=0.2, ge=0.0, le=1.0)  # folder/imagenet_r without train/, test/
+    split_seed: int = 1993  # imagenet_r without train/ and test/: seeds its exact per-class split
     max_image_bytes: int = pydantic.Field(default=20_000_000, gt=0)
     storage_options: dict[str, Any] = {}  # passed to fsspec for folder URLs (e.g. s3 endpoint, credentials)
 
@@ -76,7 +79,11 @@ def load_dataset(config: DatasetConfig, classes: Sequence[str] | None = None) ->
     """Both splits of the configured source; `classes` (if given) keeps only rows of those classes."""
     if config.kind == "quickdraw":
         return _load_quickdraw(config, classes)
-    return _load_folder(config, classes)
+    if config.kind == "folder":
+        return _load_folder(config, classes)
+    from .layouts import load_layout  # imported here: layouts builds on this module's helpers
+
+    return load_layout(config, classes)
 
 
 def dataset_class_names(config: DatasetConfig) -> list[str]:
@@ -149,50 +156,70 @@ def _drawings_to_rows(drawings: np.ndarray, labels: list[str]) -> LabelledImages
     keys = [_sha1(d.tobytes()) for d in flat]
     images = np.repeat((255 - flat)[..., None], 3, axis=-1)
     row_labels = np.repeat(np.asarray(labels, dtype=object), per_class).tolist()
+    return _arrays_to_rows(images, row_labels, keys)
+
+
+def _arrays_to_rows(images: np.ndarray, labels: list[str], keys: list[str]) -> LabelledImages:
+    """In-memory (N, H, W, 3) uint8 images with a label and a content key each -> rows."""
     tables = [pa.table({"key": pa.array(keys[s:s + ROWS_PER_BLOCK], pa.string()),
-                        "label": pa.array(row_labels[s:s + ROWS_PER_BLOCK], pa.string()),
+                        "label": pa.array(labels[s:s + ROWS_PER_BLOCK], pa.string()),
                         "image": ArrowTensorArray.from_numpy(images[s:s + ROWS_PER_BLOCK]),
                         "error": pa.array([""] * len(keys[s:s + ROWS_PER_BLOCK]), pa.string())})
               for s in range(0, len(keys), ROWS_PER_BLOCK)]
     if not tables:  # caps of 0 or no classes: an empty dataset with the same columns
         tables = [pa.table({"key": pa.array([], pa.string()), "label": pa.array([], pa.string()),
-                            "image": ArrowTensorArray.from_numpy(np.zeros((0, 28, 28, 3), np.uint8)),
+                            "image": ArrowTensorArray.from_numpy(np.zeros((0, *images.shape[1:]), np.uint8)),
                             "error": pa.array([], pa.string())})]
     return LabelledImages(dataset=ray.data.from_arrow(tables), num_rows=len(keys))
 
 
 # ---------------------------------------------------------------- image folders
 
-def _load_folder(config: DatasetConfig, classes: Sequence[str] | None) -> DatasetSplits:
+def _folder_root(config: DatasetConfig):
+    """(filesystem, root path) of the configured folder, which must exist."""
     if not config.path:
-        raise ValueError("dataset kind 'folder' needs a path (local path or fsspec URL)")
+        raise ValueError(f"dataset kind {config.kind!r} needs a path (local path or fsspec URL)")
     fs, root = fsspec.core.url_to_fs(config.path, **config.storage_options)
     root = root.rstrip("/") or "/"
     if not fs.exists(root):
         raise FileNotFoundError(f"dataset folder not found: {config.path}")
     if not fs.isdir(root):
         raise NotADirectoryError(f"dataset path is not a folder: {config.path}")
+    return fs, root
 
+
+def _load_folder(config: DatasetConfig, classes: Sequence[str] | None) -> DatasetSplits:
+    fs, root = _folder_root(config)
     files = _list_files(fs, root)  # relative path -> size, hidden entries removed
-    top = _subfolders(fs, root)
-    if "train" in top and "test" in top:
-        train = _class_files(fs, root, "train", files)
-        test = _class_files(fs, root, "test", files)
-    elif "train" in top or "test" in top:
-        raise ValueError(f"{config.path} has only one of train/ and test/: give both, or neither "
-                         "(then every sub-folder is a class and the split is by hash)")
-    else:
-        train, test = _hash_split(_class_files(fs, root, "", files), config.test_fraction)
-
-    class_names = sorted(set(train) | set(test))
-    if not class_names:
+    presplit = _presplit_class_files(fs, root, files, config.path)
+    train, test = presplit or _hash_split(_class_files(fs, root, "", files), config.test_fraction)
+    if not train and not test:
         raise ValueError(f"no images in {config.path}: expected <root>/<class>/<image files>, "
                          "or <root>/train/<class>/... and <root>/test/<class>/...")
+    return _file_splits(fs, root, train, test, config, classes, f"image folder {config.path}")
+
+
+def _presplit_class_files(fs, root: str, files: dict[str, int], path: str) -> tuple[dict, dict] | None:
+    """The class files of root/train and root/test when both exist; None when neither does."""
+    top = _subfolders(fs, root)
+    if "train" in top and "test" in top:
+        return _class_files(fs, root, "train", files), _class_files(fs, root, "test", files)
+    if "train" in top or "test" in top:
+        raise ValueError(f"{path} has only one of train/ and test/: give both, or neither "
+                         "(then every sub-folder is a class and the split is computed)")
+    return None
+
+
+def _file_splits(fs, root: str, train: dict[str, list[tuple[str, int]]], test: dict[str, list[tuple[str, int]]],
+                 config: DatasetConfig, classes: Sequence[str] | None, source: str,
+                 attribution: str | None = None) -> DatasetSplits:
+    """Both splits from {class name: [(path relative to root, size)]}, read and decoded by Ray Data."""
+    class_names = sorted(set(train) | set(test))
     wanted = _wanted(classes, class_names)
     return DatasetSplits(
         train=_files_to_rows(fs, root, train, wanted, config.train_per_class, config.max_image_bytes),
         test=_files_to_rows(fs, root, test, wanted, config.test_per_class, config.max_image_bytes),
-        class_names=class_names, source=f"image folder {config.path}", attribution=None)
+        class_names=class_names, source=source, attribution=attribution)
 
 
 def _hidden(relative: str) -> bool:
