@@ -25,7 +25,7 @@ from .features import FeatureCache, FeatureTable, extract_features
 from .metrics import CLMetrics, evaluate_task
 from .replay import make_memory
 from .report import format_table, write_report
-from .scenario import ClassIncremental
+from .scenario import build_scenario
 from .store import ProjectionStore
 from .training import train_task
 
@@ -94,9 +94,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     held_out = set(aligned.classes) if aligned else set()
     if cfg.scenario.class_order and held_out & set(cfg.scenario.class_order):
         raise ValueError(f"scenario classes overlap the alignment classes: {sorted(held_out & set(cfg.scenario.class_order))}")
-    scenario = ClassIncremental([c for c in all_classes if c not in held_out], cfg.scenario.initial,
-                                cfg.scenario.increment, cfg.scenario.num_classes, cfg.scenario.order_seed,
-                                cfg.scenario.class_order)
+    scenario = build_scenario(cfg.scenario, [c for c in all_classes if c not in held_out], cfg.seed)
     train, test = features_for(cfg, encoder, scenario.class_order)
     print(f"{scenario.name}: {len(scenario)} tasks, {len(train)} train / {len(test)} test images, "
           f"skipped {dict(train.skipped + test.skipped) or 0}; features ready at {time.perf_counter() - started:.0f}s",
@@ -120,7 +118,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         for task in scenario:
             tasks.append(task)
             seen = list(task.seen_classes)
-            task_train, seen_test = train.select(task.new_classes), test.select(seen)
+            task_train = train.subset(scenario.training_mask(task, train.labels, train.keys))  # few-shot: K per class
+            seen_test = test.select(seen)
             if len(task_train) == 0:
                 raise ValueError(f"task {task.index} has no training images for classes {list(task.new_classes)}")
             t0 = time.perf_counter()

@@ -40,7 +40,10 @@ class FeatureTable:
         return len(self.labels)
 
     def select(self, classes) -> "FeatureTable":
-        mask = np.isin(self.labels, list(classes))
+        return self.subset(np.isin(self.labels, list(classes)))
+
+    def subset(self, mask: np.ndarray) -> "FeatureTable":
+        """The rows where the boolean `mask` is true."""
         return FeatureTable(self.features[mask], self.labels[mask], self.keys[mask])
 
 

@@ -5,11 +5,15 @@ the projection store) only ever sees `Task` objects, so a new protocol is a new 
 """
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .config import ScenarioConfig
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,11 @@ class ClassIncremental:
         self[task_index]  # IndexError for an unknown task
         return None
 
+    def training_mask(self, task: Task, labels: Sequence[str], keys: Sequence[str]) -> np.ndarray:
+        """Which of the training images (given by label and content key) task `task` trains on:
+        every image of its new classes (all of them in plain CIL; few-shot keeps `shots` per class)."""
+        return np.isin(np.asarray(labels, dtype=object), list(task.new_classes))
+
     def __len__(self) -> int:
         return len(self._tasks)
 
@@ -112,14 +121,14 @@ class FewShotIncremental(ClassIncremental):
 
     def __init__(self, class_names: Sequence[str], base_classes: int, ways: int, shots: int,
                  num_classes: int | None = None, order_seed: int | None = 0,
-                 class_order: Sequence[str] | None = None):
+                 class_order: Sequence[str] | None = None, shot_seed: int = 0):
         if base_classes < 1:
             raise ValueError(f"base_classes must be >= 1, got {base_classes}")
         if shots < 1:
             raise ValueError(f"shots must be >= 1, got {shots}")
         super().__init__(class_names, initial=base_classes, increment=ways, num_classes=num_classes,
                          order_seed=order_seed, class_order=class_order)
-        self.ways, self.shots = ways, shots
+        self.ways, self.shots, self.shot_seed = ways, shots, shot_seed
 
     @property
     def name(self) -> str:
@@ -129,3 +138,36 @@ class FewShotIncremental(ClassIncremental):
         """Training images per class for a task; None means all of them (the base session)."""
         task = self[task_index]  # IndexError for an unknown task
         return None if task.index == 0 else self.shots
+
+    def training_mask(self, task: Task, labels: Sequence[str], keys: Sequence[str]) -> np.ndarray:
+        """The base session trains on every image of its classes; a later session on `shots` images
+        per new class: those with the smallest sha1(shot_seed, content key). The choice depends only
+        on the seed and the images themselves (not on listing order or on other classes), and a class
+        with fewer than `shots` training images is an error rather than a quietly smaller session."""
+        mask = super().training_mask(task, labels, keys)
+        shots = self.shots_for(task.index)
+        if shots is None:
+            return mask
+        labels, keys = np.asarray(labels, dtype=object), np.asarray(keys, dtype=object)
+        keep = np.zeros(len(labels), dtype=bool)
+        for name in task.new_classes:
+            members = np.flatnonzero(mask & (labels == name))
+            if len(members) < shots:
+                raise ValueError(f"session {task.index}: class {name!r} has {len(members)} training images, "
+                                 f"fewer than shots={shots}")
+            rank = sorted(members, key=lambda i: (_shot_rank(self.shot_seed, keys[i]), i))
+            keep[rank[:shots]] = True
+        return keep
+
+
+def _shot_rank(seed: int, key: str) -> str:
+    return hashlib.sha1(f"{seed}:{key}".encode("utf-8")).hexdigest()
+
+
+def build_scenario(config: "ScenarioConfig", class_names: Sequence[str], seed: int = 0) -> ClassIncremental:
+    """The scenario the config describes, over `class_names`; `seed` picks the few-shot images."""
+    if config.kind == "few_shot":
+        return FewShotIncremental(class_names, config.base_classes, config.ways, config.shots, config.num_classes,
+                                  config.order_seed, config.class_order, shot_seed=seed)
+    return ClassIncremental(class_names, config.initial, config.increment, config.num_classes, config.order_seed,
+                            config.class_order)
