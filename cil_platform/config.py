@@ -12,6 +12,7 @@ from gmm_model import PRESETS, ModelStack
 
 from .datasets import DatasetConfig
 from .scenario import build_scenario
+from .storage import StorageConfig, join_url
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
@@ -125,7 +126,10 @@ class ExperimentConfig(Strict):
     baselines: list[Literal["ncm", "linear_sequential", "joint"]] = ["ncm", "linear_sequential", "joint"]
     output_dir: str = "runs/{name}"
     cache_dir: str = Field(default_factory=lambda: os.environ.get("GMM_CIL_CACHE", "~/.cache/gmm-cil"))
-    store_url: str | None = Field(None, description="projection store; default <output_dir>/store")
+    store_url: str | None = Field(None, description="projection store; default <run_url>/store")
+    storage: StorageConfig = Field(default_factory=StorageConfig,
+                                   description="where the run's store, checkpoints and feature cache live, and "
+                                               "the fsspec options for all of them (docs/storage.md)")
     ray_address: str | None = None
     announce_url: str | None = Field(None, description="a running serve/ app to tell of every new version "
                                                        "(bearer token from $GMM_CIL_SERVE_TOKEN)")
@@ -152,8 +156,18 @@ class ExperimentConfig(Strict):
             raise ValueError(f"output_dir {self.output_dir!r}: only {{name}} may be substituted") from error
         self.cache_dir = str(Path(self.cache_dir).expanduser())
         if self.store_url is None:
-            self.store_url = f"{self.output_dir.rstrip('/')}/store"
+            self.store_url = join_url(self.run_url, "store")
         return self
+
+    @property
+    def run_url(self) -> str:
+        """This run's own storage (store, Ray Train checkpoints): <storage.url>/<name>, or output_dir when local."""
+        return join_url(self.storage.url, self.name) if self.storage.url else self.output_dir
+
+    @property
+    def features_url(self) -> str:
+        """The feature cache, shared by runs (keyed by encoder identity): <storage.url>/features, or the cache_dir."""
+        return join_url(self.storage.url, "features") if self.storage.url else str(Path(self.cache_dir) / "features")
 
     @property
     def stack(self) -> ModelStack:
