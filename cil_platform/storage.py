@@ -10,6 +10,7 @@ same fsspec filesystem instead of a second, separately configured client.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,9 @@ class StorageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str | None = Field(None, description="e.g. s3://bucket/gmm-cil; None: local disk (output_dir, cache_dir)")
+    url: str | None = Field(default_factory=lambda: os.environ.get("GMM_CIL_STORAGE_URL") or None,
+                            description="e.g. s3://bucket/gmm-cil (default $GMM_CIL_STORAGE_URL, which "
+                                        "cluster.yaml sets on every node); None: local disk (output_dir, cache_dir)")
     options: dict[str, Any] = Field(default_factory=dict, repr=False,
                                     description="fsspec options for url, e.g. {client_kwargs: {endpoint_url: ...}}")
 
