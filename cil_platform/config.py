@@ -16,6 +16,8 @@ from .storage import StorageConfig, join_url
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+# fields that may hold credentials: left out wherever a config is written down (model_dump(exclude=...))
+CREDENTIAL_FIELDS = {"storage": {"options"}, "dataset": {"storage_options"}}
 
 
 class Strict(BaseModel):
