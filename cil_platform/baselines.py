@@ -5,6 +5,7 @@
 - linear_sequential: a linear head trained on each task's data only (shows forgetting).
 - joint: a linear head retrained on all seen classes' data at every task (the upper bound).
 Features are the encoder tokens averaged into one vector (the encoder's global embedding).
+`state_dict` / `load_state_dict` (numpy arrays and JSON values) let a resumed run continue where it stopped.
 """
 from __future__ import annotations
 
@@ -41,6 +42,13 @@ class NearestClassMean:
     @property
     def memory_bytes(self) -> int:
         return sum(p.numel() * 4 for p in self.prototypes.values())
+
+    def state_dict(self) -> dict:
+        return {"classes": list(self.prototypes), "prototypes": [p.numpy() for p in self.prototypes.values()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prototypes = {name: torch.from_numpy(np.array(p))  # a writable copy of the loaded array
+                           for name, p in zip(state["classes"], state["prototypes"])}
 
 
 class LinearHead:
@@ -86,6 +94,18 @@ class LinearHead:
     @property
     def memory_bytes(self) -> int:
         return sum(t.features.nbytes for t in self.seen_data)
+
+    def state_dict(self) -> dict:  # with the generator's state: later tasks shuffle as if never stopped
+        return {"weight": self.weight.numpy(), "bias": self.bias.numpy(),
+                "generator": self.generator.get_state().numpy(),
+                "seen_data": [{"features": t.features, "labels": t.labels.tolist(), "keys": t.keys.tolist()}
+                              for t in self.seen_data]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weight, self.bias = torch.from_numpy(np.array(state["weight"])), torch.from_numpy(np.array(state["bias"]))
+        self.generator.set_state(torch.from_numpy(np.array(state["generator"])))
+        self.seen_data = [FeatureTable(t["features"], np.asarray(t["labels"], dtype=object),
+                                       np.asarray(t["keys"], dtype=object)) for t in state["seen_data"]]
 
 
 def make_baseline(name: str, seed: int = 0):

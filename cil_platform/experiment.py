@@ -25,6 +25,7 @@ from .features import FeatureCache, FeatureTable, extract_features
 from .metrics import CLMetrics, evaluate_task
 from .replay import make_memory
 from .report import format_table, write_report
+from .run_state import open_run_state
 from .scenario import build_scenario
 from .store import ProjectionStore
 from .training import train_task
@@ -82,11 +83,14 @@ def build_alignment(cfg: ExperimentConfig, class_names: list[str], encoder: Visi
     return AlignedProjection(result.projection, classes, "stage-1")
 
 
-def run_experiment(cfg: ExperimentConfig) -> dict:
+def run_experiment(cfg: ExperimentConfig, fresh: bool = False) -> dict:
+    """Runs, or resumes after its last completed task, the experiment in cfg.output_dir (see run_state);
+    `fresh` discards an earlier run's progress there."""
     started = time.perf_counter()
     init_ray(cfg.ray_address)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    run = open_run_state(cfg, fresh)
     encoder = create_encoder(cfg.stack)  # the driver's copy: its width and identity (the actor pool encodes)
     visual_width = encoder.width
     all_classes = dataset_class_names(cfg.dataset)
@@ -111,12 +115,20 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     evaluators = EvaluatorPool(cfg.eval.actors, cfg.stack, visual_width, cfg.cache_dir, cfg.eval.decode,
                                cfg.eval.batch_size)
     projection = aligned.weights if aligned else None
-    storage = str(Path(cfg.output_dir, "ray_train").resolve())
+    storage = run.train_storage
     tasks = []
     throughput = dict.fromkeys(["train_images", "train_seconds", "eval_images", "eval_seconds"], 0.0)
+    components = {"memory": memory, **({"prototypes": prototypes} if prototypes else {}),
+                  **{baseline.name: baseline for baseline in baselines}}  # what run_state persists after each task
+    resumed = run.load(store, components)
+    if resumed:
+        projection, rows, throughput = resumed.projection, resumed.rows, resumed.throughput
+        print(f"resuming {cfg.output_dir}: {resumed.next_task} of {len(scenario)} tasks were completed", flush=True)
     try:
         for task in scenario:
             tasks.append(task)
+            if resumed and task.index < resumed.next_task:
+                continue
             seen = list(task.seen_classes)
             task_train = train.subset(scenario.training_mask(task, train.labels, train.keys))  # few-shot: K per class
             seen_test = test.select(seen)
@@ -156,6 +168,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                 b_row, b_overall = evaluate_task(baseline.predict(seen_test, seen), list(seen_test.labels), tasks)
                 _record(rows[baseline.name], b_row, b_overall, time.perf_counter() - b0)
                 line.append(f"{baseline.name} {b_overall:.1%}")
+            run.save(task.index, manifest, components, rows, throughput)
             print(" | ".join(line), f"[{time.perf_counter() - started:.0f}s]", flush=True)
     finally:
         evaluators.close()

@@ -6,6 +6,7 @@
 - exemplar: a fixed total budget of real cached feature sets, chosen per class by herding
   (iCaRL) or at random, shrunk evenly as classes arrive.
 A memory hands the training workers a `payload` (plain numpy arrays) and `sample_replay` draws from it.
+`state_dict` / `load_state_dict` (numpy arrays and JSON values) let a resumed run continue with the same memory.
 """
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ class NoReplay:
     def nbytes(self) -> int:
         return 0
 
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class PseudoFeatureReplay:
     mode = "pseudo"
@@ -55,6 +62,13 @@ class PseudoFeatureReplay:
     @property
     def nbytes(self) -> int:
         return sum(m.nbytes + s.nbytes for m, s in self.stats.values())
+
+    def state_dict(self) -> dict:  # class order matters: replayed classes are drawn by index
+        return {"classes": list(self.stats), "mean": [m for m, _ in self.stats.values()],
+                "std": [s for _, s in self.stats.values()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats = {name: (mean, std) for name, mean, std in zip(state["classes"], state["mean"], state["std"])}
 
 
 class ExemplarMemory:
@@ -92,6 +106,14 @@ class ExemplarMemory:
     @property
     def nbytes(self) -> int:
         return sum(f.nbytes for f in self.per_class.values())
+
+    def state_dict(self) -> dict:  # with the generator's state: random selection continues as if never stopped
+        return {"classes": list(self.per_class), "features": list(self.per_class.values()),
+                "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.per_class = dict(zip(state["classes"], state["features"]))
+        self.rng.bit_generator.state = state["rng"]
 
 
 def herding_order(vectors: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides + [
             "name=benchmark", f"replay.mode={mode}", f"output_dir={base.output_dir}/{mode}",
             *([] if index == 0 else ["baselines=[]"])])
-        results = run_experiment(cfg)
+        results = run_experiment(cfg, fresh=True)  # a measurement: never resume an earlier run's progress
         combined["title"] = results["title"]
         combined["methods"].update(results["methods"])
         combined["runs"][mode] = {"seconds": results["seconds"], "output_dir": cfg.output_dir}

@@ -5,6 +5,8 @@
     ray job submit --working-dir . -- python jobs/incremental.py --set name=on-cluster
 
 Starts Ray locally unless an address is given (--address or $RAY_ADDRESS, as under `ray job submit`).
+A run is identified by its output_dir (default runs/<name>): running the same job again resumes after the
+last completed task; --fresh starts over (docs/fault_tolerance.md).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cil_platform.config import load_config  # noqa: E402
 from cil_platform.experiment import run_experiment  # noqa: E402
+from cil_platform.run_state import ConfigMismatchError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config field, e.g. --set scenario.increment=5 (repeatable)")
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     parser.add_argument("--announce", metavar="URL", help="a running serve/ app to move to each new version")
+    parser.add_argument("--fresh", action="store_true",
+                        help="discard the progress saved in output_dir instead of resuming after its last task")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = args.overrides + ([f"ray_address={args.address}"] if args.address else []) + (
@@ -35,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    run_experiment(config)
+    try:
+        run_experiment(config, fresh=args.fresh)
+    except ConfigMismatchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,214 @@
+"""Resumable runs: after every task the driver persists what the next task needs, so running the same job
+again (same output_dir) continues after the last completed task instead of starting over.
+
+Layout, under `<run_url>/run_state/` (the output_dir, or `<storage.url>/<name>`; any fsspec URL):
+
+    task-0002/arrays.safetensors   every numpy array of the components' state (replay memory, baselines, prototypes)
+    task-0002/state.json           written last, the commit marker: config hash, the store version and sha256 of
+                                   the projection, accuracy rows, throughput, the components' other state (JSON),
+                                   and the sha256 and size of arrays.safetensors
+
+Both files are written atomically (fsio.atomic_write_bytes), the marker last, like the projection store. A task
+directory without a marker, or whose arrays do not match the marker's sha256, is never loaded: the previous
+complete state is used instead. The two newest complete states are kept. The projection itself is not copied:
+it is the store's version of that task, checked against the sha256 recorded here.
+
+Ray Train's own checkpoints live beside it in `<run_url>/ray_train/<config hash>/`: Ray Train restores a fit
+from the newest checkpoint it finds under its storage path and run name, so they must never be shared between
+configs, and a fit the driver was killed in resumes from its last epoch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from safetensors.numpy import load as load_arrays
+from safetensors.numpy import save as save_arrays
+
+from .config import ExperimentConfig
+from .fsio import atomic_write_bytes
+from .storage import Storage, join_url, open_storage
+from .store import CorruptEntryError, Manifest, ProjectionStore
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = "run_state"
+TRAIN_DIR = "ray_train"
+ARRAYS_FILE = "arrays.safetensors"
+MARKER_FILE = "state.json"
+FORMAT = 1
+KEEP = 2  # the newest complete state and one to fall back to
+# Where a run executes, not what it computes: these may change between a run and its resumption (the
+# store may move too: a resumed run checks the sha256 of the projection it continues from).
+NOT_HASHED = ("ray_address", "announce_url", "cache_dir", "output_dir", "store_url", "storage")
+_ARRAY = "__array__"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class ConfigMismatchError(ValueError):
+    """The output dir holds the state of a run with another config."""
+
+
+class RunStateError(RuntimeError):
+    """A complete run state that cannot be resumed (its projection is missing or changed in the store)."""
+
+
+@dataclass
+class Resumed:
+    next_task: int  # index of the first task still to run
+    projection: bytes
+    rows: dict
+    throughput: dict
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    tree = cfg.model_dump(mode="json")
+    for key in NOT_HASHED:
+        tree.pop(key, None)
+    tree["dataset"].pop("storage_options", None)  # credentials and endpoints: where the data is read from
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
+
+
+class RunState:
+    """The persisted progress of the run identified by `run_url`, for one config."""
+
+    def __init__(self, run: Storage, cfg_hash: str):
+        self.fs, self.config_hash = run.fs, cfg_hash
+        self.root = join_url(run.path, STATE_DIR)
+        self._train_root = join_url(run.path, TRAIN_DIR)
+        # Ray Train's storage for this config: a local path, or the URL (its filesystem: storage.Storage.arrow)
+        train = join_url(self._train_root, cfg_hash[:16])
+        self.train_storage = train if run.is_local else self.fs.unstrip_protocol(train)
+
+    def _dir(self, task: int) -> str:
+        return join_url(self.root, f"task-{task:04d}")
+
+    def _tasks(self) -> list[int]:
+        """Task indices with a state directory (complete or not), newest first."""
+        self.fs.invalidate_cache()
+        if not self.fs.exists(self.root):
+            return []
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+        return sorted((int(n[5:]) for n in names if n.startswith("task-") and n[5:].isdigit()), reverse=True)
+
+    def save(self, task: int, projection: Manifest, components: dict[str, Stateful], rows: dict,
+             throughput: dict) -> None:
+        """Persist the state after `task` completed; its projection must already be in the store."""
+        arrays: dict[str, np.ndarray] = {}
+        tree = {name: _split(component.state_dict(), arrays, name) for name, component in components.items()}
+        blob = save_arrays(arrays)
+        marker = {
+            "format": FORMAT, "config_hash": self.config_hash, "task": task, "next_task": task + 1,
+            "projection": {"version": projection.version, "sha256": projection.sha256},
+            "rows": rows, "throughput": throughput, "components": tree,
+            "arrays": {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)},
+        }
+        directory = self._dir(task)
+        if self.fs.exists(f"{directory}/{MARKER_FILE}"):  # never pair an old marker with new arrays
+            self.fs.rm(f"{directory}/{MARKER_FILE}")
+        atomic_write_bytes(self.fs, f"{directory}/{ARRAYS_FILE}", blob)
+        atomic_write_bytes(self.fs, f"{directory}/{MARKER_FILE}", json.dumps(marker).encode())
+        for old in self._tasks():
+            if old > task or old <= task - KEEP:  # newer ones were incomplete: this run replaced them
+                self.fs.rm(self._dir(old), recursive=True)
+
+    def _newest_complete(self) -> tuple[dict, dict[str, np.ndarray]] | None:
+        for task in self._tasks():
+            directory = self._dir(task)
+            try:
+                marker = json.loads(self.fs.cat_file(f"{directory}/{MARKER_FILE}"))
+                blob = self.fs.cat_file(f"{directory}/{ARRAYS_FILE}")
+            except FileNotFoundError:
+                log.warning("run state %s is incomplete; falling back to an earlier one", directory)
+                continue
+            except json.JSONDecodeError:
+                log.warning("run state %s has an unreadable marker; falling back to an earlier one", directory)
+                continue
+            if hashlib.sha256(blob).hexdigest() != marker.get("arrays", {}).get("sha256"):
+                log.warning("run state %s: arrays do not match their sha256; falling back to an earlier one", directory)
+                continue
+            return marker, load_arrays(blob)
+        return None
+
+    def check_config(self) -> None:
+        """ConfigMismatchError if the newest complete state was saved by a run with another config."""
+        found = self._newest_complete()
+        if found is not None:
+            self._check_config(found[0])
+
+    def _check_config(self, marker: dict) -> None:
+        if marker["config_hash"] != self.config_hash:
+            raise ConfigMismatchError(
+                f"{self.root} holds the state of a run with another config (hash {marker['config_hash'][:12]}, "
+                f"this config {self.config_hash[:12]}): start it fresh (jobs/incremental.py --fresh) to discard it, "
+                "or give this run another name / output_dir")
+
+    def load(self, store: ProjectionStore, components: dict[str, Stateful]) -> Resumed | None:
+        """Load the newest complete state into `components`; None when there is none to resume."""
+        found = self._newest_complete()
+        if found is None:
+            return None
+        marker, arrays = found
+        self._check_config(marker)
+        if set(marker["components"]) != set(components):
+            raise RunStateError(f"{self.root}: saved components {sorted(marker['components'])} != {sorted(components)}")
+        version, sha = marker["projection"]["version"], marker["projection"]["sha256"]
+        try:
+            manifest, weights = store.load(version)
+        except (FileNotFoundError, CorruptEntryError) as error:
+            raise RunStateError(f"the run state after task {marker['task']} needs version {version} of {store.url}: "
+                                f"{error}; start fresh (--fresh) to discard the state") from error
+        if manifest.sha256 != sha:
+            raise RunStateError(f"version {version} of {store.url} is not the projection the run state was saved "
+                                f"with (sha256 {manifest.sha256[:12]} != {sha[:12]}); start fresh (--fresh)")
+        for name, component in components.items():
+            component.load_state_dict(_join(marker["components"][name], arrays))
+        return Resumed(marker["next_task"], weights, marker["rows"], marker["throughput"])
+
+    def discard(self) -> None:
+        """Forget this output dir's progress: the run state and Ray Train's checkpoints (of every config)."""
+        for path in (self.root, self._train_root):
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+
+
+def _split(value: Any, arrays: dict[str, np.ndarray], key: str) -> Any:
+    """A JSON-able copy of a state tree, each numpy array replaced by a reference into `arrays`."""
+    if isinstance(value, np.ndarray):
+        arrays[key] = np.ascontiguousarray(value)
+        return {_ARRAY: key}
+    if isinstance(value, dict):
+        return {k: _split(v, arrays, f"{key}/{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_split(v, arrays, f"{key}/{i}") for i, v in enumerate(value)]
+    return value
+
+
+def _join(value: Any, arrays: dict[str, np.ndarray]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {_ARRAY}:
+            return arrays[value[_ARRAY]]
+        return {k: _join(v, arrays) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join(v, arrays) for v in value]
+    return value
+
+
+def open_run_state(cfg: ExperimentConfig, fresh: bool = False) -> RunState:
+    """The run state of `cfg.run_url`; `fresh` discards what is there, else another config's state is an
+    error now, before any work."""
+    run = RunState(open_storage(cfg.run_url, cfg.storage.options), config_hash(cfg))
+    if fresh:
+        run.discard()
+    else:
+        run.check_config()
+    return run

@@ -1,0 +1,162 @@
+"""The run state a resumed driver continues from: exact round trip, torn states ignored, config checks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cil_platform.baselines import LinearHead, NearestClassMean
+from cil_platform.config import ExperimentConfig
+from cil_platform.features import FeatureTable
+from cil_platform.replay import ExemplarMemory, NoReplay, PseudoFeatureReplay
+from cil_platform.run_state import (ConfigMismatchError, RunState, RunStateError, config_hash, open_run_state)
+from cil_platform.storage import open_storage
+from cil_platform.store import ProjectionStore
+
+
+def table(classes: list[str], per_class: int = 6, seed: int = 0) -> FeatureTable:
+    rng = np.random.default_rng(seed)
+    labels = np.asarray([c for c in classes for _ in range(per_class)], dtype=object)
+    keys = np.asarray([f"{c}-{i}-{seed}" for c in classes for i in range(per_class)], dtype=object)
+    features = (rng.standard_normal((len(labels), 4, 8)) + np.arange(len(labels))[:, None, None] % 3).astype(np.float16)
+    return FeatureTable(features, labels, keys)
+
+
+def components() -> dict:
+    return {"memory": ExemplarMemory(budget=8, selection="random", seed=3), "pseudo": PseudoFeatureReplay(),
+            "none": NoReplay(), "prototypes": NearestClassMean(), "ncm": NearestClassMean(),
+            "linear_sequential": LinearHead(joint=False, seed=5, epochs=3),
+            "joint": LinearHead(joint=True, seed=5, epochs=3)}
+
+
+def learn(parts: dict, train: FeatureTable, seen: list[str]) -> None:
+    for name, part in parts.items():
+        if hasattr(part, "update"):
+            part.update(train)
+        else:
+            part.learn(train, seen)
+
+
+def run_task(parts: dict, state: RunState, store: ProjectionStore, task: int, rows: dict) -> None:
+    classes = [f"c{2 * task}", f"c{2 * task + 1}"]
+    seen = [f"c{i}" for i in range(2 * task + 2)]
+    learn(parts, table(classes, seed=task), seen)
+    manifest = store.publish(task, bytes([task]) * 64, seen, "stack")
+    rows["gmm"]["overall"].append(0.5 + task / 10)
+    state.save(task, manifest, parts, rows, {"train_images": 10.0 * (task + 1)})
+
+
+def flatten(tree, prefix=""):
+    """Every leaf of a state tree as (path, value), arrays as numpy."""
+    if isinstance(tree, dict):
+        return [kv for k, v in tree.items() for kv in flatten(v, f"{prefix}/{k}")]
+    if isinstance(tree, (list, tuple)):
+        return [kv for i, v in enumerate(tree) for kv in flatten(v, f"{prefix}/{i}")]
+    return [(prefix, tree)]
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    for (pa, va), (pb, vb) in zip(flatten({k: v.state_dict() for k, v in a.items()}),
+                                  flatten({k: v.state_dict() for k, v in b.items()}), strict=True):
+        assert pa == pb
+        if isinstance(va, np.ndarray):
+            assert va.dtype == vb.dtype and va.shape == vb.shape and np.array_equal(va, vb), pa
+        else:
+            assert va == vb, pa
+
+
+@pytest.fixture
+def run(tmp_path):
+    return RunState(open_storage(str(tmp_path / "out")), "a" * 64), ProjectionStore(str(tmp_path / "out" / "store"))
+
+
+def test_round_trip_restores_every_component_exactly_and_they_continue_identically(run):
+    state, store = run
+    original, rows = components(), {"gmm": {"overall": [], "task_acc": [[1.0]]}}
+    for task in range(2):
+        run_task(original, state, store, task, rows)
+
+    restored = components()
+    resumed = state.load(store, restored)
+    assert resumed.next_task == 2
+    assert resumed.projection == bytes([1]) * 64
+    assert resumed.rows == rows and resumed.throughput == {"train_images": 20.0}
+    assert_same_state(original, restored)
+    # the generators continue where they stopped: a third task gives the same state and predictions
+    third = table(["c4", "c5"], seed=9)
+    seen = [f"c{i}" for i in range(6)]
+    learn(original, third, seen)
+    learn(restored, third, seen)
+    assert_same_state(original, restored)
+    for name in ("prototypes", "linear_sequential", "joint"):
+        assert original[name].predict(third, seen) == restored[name].predict(third, seen)
+    assert original["memory"].payload()["labels"] == restored["memory"].payload()["labels"]
+
+
+def test_a_state_without_its_marker_or_with_torn_arrays_is_never_loaded(run):
+    state, store = run
+    parts, rows = components(), {"gmm": {"overall": []}}
+    for task in range(3):
+        run_task(parts, state, store, task, rows)
+    root = state.fs
+    newest = f"{state.root}/task-0002"
+    # torn arrays (the marker's sha256 no longer matches): fall back to task 1
+    blob = root.cat_file(f"{newest}/arrays.safetensors")
+    root.pipe_file(f"{newest}/arrays.safetensors", blob[: len(blob) // 2])
+    assert state.load(store, components()).next_task == 2
+    # killed between the two writes: arrays, no marker
+    root.rm(f"{newest}/state.json")
+    assert state.load(store, components()).next_task == 2
+    # a marker that does not parse
+    root.pipe_file(f"{newest}/state.json", b'{"config_hash": "a')
+    assert state.load(store, components()).next_task == 2
+    # saving again replaces the torn newer state
+    run_task(parts, state, store, 2, rows)
+    assert state.load(store, components()).next_task == 3
+
+
+def test_only_the_two_newest_states_are_kept(run):
+    state, store = run
+    parts, rows = components(), {"gmm": {"overall": []}}
+    for task in range(4):
+        run_task(parts, state, store, task, rows)
+    assert sorted(p.rsplit("/", 1)[-1] for p in state.fs.ls(state.root, detail=False)) == ["task-0002", "task-0003"]
+
+
+def test_an_empty_output_dir_has_nothing_to_resume(run):
+    state, store = run
+    assert state.load(store, components()) is None
+    state.check_config()  # nothing to disagree with
+
+
+def test_a_state_whose_projection_changed_in_the_store_is_an_error(run):
+    state, store = run
+    run_task(components(), state, store, 0, {"gmm": {"overall": []}})
+    store.publish(0, b"other weights", ["c0", "c1"], "stack")
+    with pytest.raises(RunStateError, match="not the projection"):
+        state.load(store, components())
+
+
+def test_another_config_is_an_error_unless_fresh(tmp_path):
+    cfg = ExperimentConfig(output_dir=str(tmp_path / "out"))
+    other = ExperimentConfig(output_dir=str(tmp_path / "out"), train={"lr": 5e-4})
+    state, store = open_run_state(cfg), ProjectionStore(cfg.store_url)
+    run_task(components(), state, store, 0, {"gmm": {"overall": []}})
+    train_dir = tmp_path / "out" / "ray_train" / config_hash(cfg)[:16]
+    assert state.train_storage == str(train_dir)
+    train_dir.mkdir(parents=True)
+
+    with pytest.raises(ConfigMismatchError, match="another config.*--fresh"):
+        open_run_state(other)
+    assert open_run_state(cfg).load(store, components()).next_task == 1  # the same config resumes
+    fresh = open_run_state(other, fresh=True)
+    assert fresh.load(store, components()) is None
+    assert not (tmp_path / "out" / "run_state").exists() and not (tmp_path / "out" / "ray_train").exists()
+
+
+def test_config_hash_ignores_where_the_run_executes_but_not_what_it_computes(tmp_path):
+    base = ExperimentConfig(output_dir=str(tmp_path / "a"))
+    moved = ExperimentConfig(output_dir=str(tmp_path / "b"), ray_address="auto", cache_dir=str(tmp_path / "c"),
+                             announce_url="http://127.0.0.1:8000", dataset={"storage_options": {"anon": True}})
+    assert config_hash(base) == config_hash(moved)
+    for change in ({"seed": 1}, {"replay": {"mode": "none"}}, {"scenario": {"increment": 5}}, {"name": "x"}):
+        assert config_hash(ExperimentConfig(output_dir=str(tmp_path / "a"), **change)) != config_hash(base), change
