@@ -114,13 +114,32 @@ class GMM(nn.Module):
         """Sequences end with eos, as trained, so a name that is a prefix of another stays reachable."""
         return LabelTrie([self.tokens.label_sequence(name) + [self.tokens.eos] for name in class_names])
 
-    @torch.no_grad()
-    def decode_constrained(self, visual: torch.Tensor, trie: LabelTrie) -> ConstrainedPrediction:
-        """Teacher-force the template, then walk the trie greedily until each sample's class is unique."""
+    def _answer_start(self, visual: torch.Tensor):
+        """Forward the image and the teacher-forced template: the model output and the next-token log-probs."""
         batch = visual.shape[0]
         out = self._start(torch.cat([self.image_embeds(visual), self._embed_ids(self.tokens.template, batch)], 1))
-        log_probs = out.logits[:, -1].float().log_softmax(-1).cpu()
+        return out, out.logits[:, -1].float().log_softmax(-1).cpu()
+
+    @torch.no_grad()
+    def first_token_log_prob(self, visual: torch.Tensor, trie: LabelTrie) -> torch.Tensor:
+        """(B, C) log p(first name token of each class | image, template): one forward, no walk."""
+        return self._answer_start(visual)[1][:, torch.tensor(first_tokens(trie))]
+
+    @torch.no_grad()
+    def decode_constrained(self, visual: torch.Tensor, trie: LabelTrie,
+                           first_token_prior: torch.Tensor | None = None) -> ConstrainedPrediction:
+        """Teacher-force the template, then walk the trie greedily until each sample's class is unique.
+
+        `first_token_prior` ((C,) log prior of each class's first token, see predict.first_token_prior)
+        is subtracted at the first step only: the choice among first tokens becomes p(token | image) /
+        p(token), which removes the model's standing preference for some names (the newest classes).
+        """
+        batch = visual.shape[0]
+        out, log_probs = self._answer_start(visual)
         first = log_probs[:, torch.tensor(first_tokens(trie))]
+        root_prior = {}
+        if first_token_prior is not None:
+            root_prior = dict(zip(first_tokens(trie), first_token_prior.tolist()))  # classes sharing a token share it
         nodes = [trie.root] * batch
         result = torch.full((batch,), -1, dtype=torch.long)
         score = torch.zeros(batch)
@@ -130,7 +149,10 @@ class GMM(nn.Module):
                 if result[b] >= 0:
                     continue
                 allowed = list(node.children)
-                best = allowed[int(log_probs[b, allowed].argmax())]
+                choice = log_probs[b, allowed]
+                if root_prior and node is trie.root:
+                    choice = choice - torch.tensor([root_prior[t] for t in allowed])
+                best = allowed[int(choice.argmax())]
                 chosen[b], score[b] = best, score[b] + log_probs[b, best]
                 nodes[b] = node.children[best]
                 resolved = LabelTrie.resolved(nodes[b])

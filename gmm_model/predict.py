@@ -1,6 +1,7 @@
 """One prediction API over both decoding modes, shared by evaluation and serving."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,6 +26,17 @@ def zscore(scores: torch.Tensor) -> torch.Tensor:
     return (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp_min(1e-6)
 
 
+def first_token_prior(first_token_log_prob_of_means: torch.Tensor) -> torch.Tensor:
+    """(M, C) log p(first token of class c | mean features of class m), over the M = C seen classes
+    -> (C,) log of its average: how much the model favours class c on a class-balanced set of inputs.
+
+    Beyond the paper: a projection trained task after task makes the LLM favour the newest names for
+    any image. Subtracting this prior (logit adjustment with the marginal estimated on class means,
+    which are class statistics, not exemplars) removes the standing preference and keeps the evidence.
+    """
+    return first_token_log_prob_of_means.float().logsumexp(0) - math.log(first_token_log_prob_of_means.shape[0])
+
+
 def fuse_with_prototypes(first_token_log_prob: torch.Tensor, visual: torch.Tensor,
                          prototypes: torch.Tensor) -> torch.Tensor:
     """Beyond the paper: add the z-scored generative score of each class (log p of its first name
@@ -38,18 +50,20 @@ def fuse_with_prototypes(first_token_log_prob: torch.Tensor, visual: torch.Tenso
 
 
 def predict(gmm: GMM, visual: torch.Tensor, class_names: list[str], mode: DecodeMode = "trie",
-            matcher: TextMatcher | None = None, top_k: int = 1) -> list[Prediction]:
+            matcher: TextMatcher | None = None, top_k: int = 1,
+            prior: torch.Tensor | None = None) -> list[Prediction]:
     """Classify (B, T, D) visual tokens among `class_names`.
 
     trie: constrained decoding, every answer a valid class; top-k beyond the first ranks the other
-    classes by the log-probability of their first name token. free: the paper's mode, free
-    generation then the matcher's most similar class name.
+    classes by the log-probability of their first name token; `prior` (first_token_prior, trie only)
+    corrects the first step. free: the paper's mode, free generation then the matcher's most similar
+    class name.
     """
     if not class_names:
         raise ValueError("no classes to predict among")
     top_k = max(1, min(top_k, len(class_names)))
     if mode == "trie":
-        out = gmm.decode_constrained(visual, gmm.label_trie(class_names))
+        out = gmm.decode_constrained(visual, gmm.label_trie(class_names), prior)
         results = []
         for b, index in enumerate(out.classes.tolist()):
             ranking = [c for c in out.first_token_log_prob[b].argsort(descending=True).tolist() if c != index]
