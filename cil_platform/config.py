@@ -111,6 +111,8 @@ class ReplayConfig(Strict):
 class EvalConfig(Strict):
     decode: Literal["trie", "free"] = "trie"
     fuse_prototypes: bool = Field(True, description="trie only: also report the fusion with class prototypes")
+    prior_correction: bool = Field(True, description="trie only: subtract the model's first-token prior, "
+                                                     "estimated on the seen classes' mean features")
     batch_size: int = Field(64, ge=1)
     actors: int = Field(2, ge=1)
 

@@ -14,13 +14,14 @@ from pathlib import Path
 import ray
 
 from gmm_model import create_encoder
+from gmm_model.llm import prepare_llm
 from gmm_model.vision import VisionEncoder
 
 from .alignment import AlignedProjection, alignment_classes, default_aligned_path, read_aligned, write_aligned
 from .baselines import NearestClassMean, make_baseline
 from .config import REPO_ROOT, ExperimentConfig
 from .datasets import dataset_class_names, load_dataset
-from .evaluation import EvaluatorPool
+from .evaluation import ClassMeans, EvaluatorPool
 from .features import FeatureCache, FeatureTable, extract_features
 from .metrics import CLMetrics, evaluate_task
 from .replay import make_memory
@@ -107,11 +108,14 @@ def run_experiment(cfg: ExperimentConfig, fresh: bool = False) -> dict:
     store = ProjectionStore(cfg.store_url)
     memory = make_memory(cfg.replay.mode, cfg.replay.budget, cfg.replay.selection, cfg.seed)
     baselines = [make_baseline(name, cfg.seed) for name in cfg.baselines]
-    gmm_name = f"gmm[{cfg.replay.mode},{cfg.eval.decode}]"
-    fused_name = f"gmm[{cfg.replay.mode},trie+ncm]"
-    prototypes = NearestClassMean() if cfg.eval.fuse_prototypes and cfg.eval.decode == "trie" else None
-    gmm_rules = {gmm_name: cfg.eval.decode, **({fused_name: "trie+ncm"} if prototypes else {})}
+    trie = cfg.eval.decode == "trie"
+    prototypes = NearestClassMean() if cfg.eval.fuse_prototypes and trie else None
+    class_means = ClassMeans() if cfg.eval.prior_correction and trie else None
+    rule = "trie+prior" if class_means else cfg.eval.decode
+    gmm_name, fused_name = f"gmm[{cfg.replay.mode},{rule}]", f"gmm[{cfg.replay.mode},{rule}+ncm]"
+    gmm_rules = {gmm_name: rule, **({fused_name: f"{rule}+ncm"} if prototypes else {})}
     rows = {name: {"task_acc": [], "overall": [], "seconds": 0.0} for name in [*gmm_rules, *cfg.baselines]}
+    prepare_llm(cfg.stack.llm, cfg.cache_dir)  # once, here: else every trainer and evaluator de-quantises a GGUF
     evaluators = EvaluatorPool(cfg.eval.actors, cfg.stack, visual_width, cfg.cache_dir, cfg.eval.decode,
                                cfg.eval.batch_size)
     projection = aligned.weights if aligned else None
@@ -119,6 +123,7 @@ def run_experiment(cfg: ExperimentConfig, fresh: bool = False) -> dict:
     tasks = []
     throughput = dict.fromkeys(["train_images", "train_seconds", "eval_images", "eval_seconds"], 0.0)
     components = {"memory": memory, **({"prototypes": prototypes} if prototypes else {}),
+                  **({"class_means": class_means} if class_means else {}),
                   **{baseline.name: baseline for baseline in baselines}}  # what run_state persists after each task
     resumed = run.load(store, components)
     if resumed:
@@ -144,9 +149,10 @@ def run_experiment(cfg: ExperimentConfig, fresh: bool = False) -> dict:
             if cfg.announce_url:
                 announce_to_service(cfg.announce_url, manifest.version)
             t1 = time.perf_counter()
-            if prototypes:
-                prototypes.learn(task_train, seen)
-            predicted = evaluators.predict(projection, seen_test, seen, prototypes.matrix(seen) if prototypes else None)
+            for statistics in filter(None, (prototypes, class_means)):
+                statistics.learn(task_train, seen)
+            predicted = evaluators.predict(projection, seen_test, seen, prototypes.matrix(seen) if prototypes else None,
+                                           class_means.matrix(seen) if class_means else None)
             t2 = time.perf_counter()
             accuracy = {}
             for name, rule in gmm_rules.items():
@@ -173,9 +179,9 @@ def run_experiment(cfg: ExperimentConfig, fresh: bool = False) -> dict:
     finally:
         evaluators.close()
 
-    rows[gmm_name]["memory_bytes"] = memory.nbytes
+    rows[gmm_name]["memory_bytes"] = memory.nbytes + (class_means.memory_bytes if class_means else 0)
     if prototypes:
-        rows[fused_name]["memory_bytes"] = memory.nbytes + prototypes.memory_bytes
+        rows[fused_name]["memory_bytes"] = rows[gmm_name]["memory_bytes"] + prototypes.memory_bytes
     rows[gmm_name]["train_images_per_second"] = throughput["train_images"] / max(throughput["train_seconds"], 1e-9)
     rows[gmm_name]["eval_images_per_second"] = throughput["eval_images"] / max(throughput["eval_seconds"], 1e-9)
     for baseline in baselines:
