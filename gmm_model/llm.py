@@ -6,18 +6,21 @@ directory so every later load (each Ray worker, each task) is a fast safetensors
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .weights import files_signature
+
 PACKAGE_PREFIX = "package:"
+Quantization = Literal["none", "8bit", "4bit"]
 
 
 @dataclass(frozen=True)
@@ -55,13 +58,34 @@ def resolve_llm_source(spec: str) -> LLMSource:
 
 def _dequantised_cache_dir(source: LLMSource, cache_dir: str | Path) -> Path:
     file = Path(source.location) / source.gguf_file
-    stat = file.stat()
-    key = hashlib.sha256(f"{file.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:16]
-    return Path(cache_dir) / "llm" / f"{file.stem}-{key}"
+    return Path(cache_dir) / "llm" / f"{file.stem}-{files_signature([file], length=16)}"
 
 
-def _from_pretrained(source: LLMSource, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def quantization_config(quantization: Quantization, dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for 8-bit / 4-bit (NF4) weights, or None for full precision.
+
+    bitsandbytes quantises on CUDA GPUs only; asking for it elsewhere is an error, not a silent fallback.
+    """
+    if quantization == "none":
+        return None
+    if quantization not in ("8bit", "4bit"):
+        raise ValueError(f"unknown LLM quantization {quantization!r}; use none, 8bit or 4bit")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{quantization} LLM loading needs a CUDA GPU (bitsandbytes quantises on CUDA only) and "
+                         "none is visible here; load in float32 or bfloat16 instead (llm_quantization: none)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"{quantization} LLM loading needs the bitsandbytes package: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+def _from_pretrained(source: LLMSource, dtype: torch.dtype, quantization=None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    if quantization is not None:  # quantised weights are placed on the GPU as they load
+        kwargs.update(quantization_config=quantization, device_map={"": torch.cuda.current_device()})
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
@@ -91,9 +115,15 @@ def prepare_llm(spec: str, cache_dir: str | Path) -> LLMSource:
     return LLMSource(str(target))
 
 
-def load_frozen_llm(spec: str, cache_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer) with every parameter frozen and the model in eval mode."""
-    model, tokenizer = _from_pretrained(prepare_llm(spec, cache_dir), dtype)
+def load_frozen_llm(spec: str, cache_dir: str | Path, dtype: torch.dtype = torch.float32,
+                    quantization: Quantization = "none"):
+    """Load (model, tokenizer) with every parameter frozen and the model in eval mode.
+
+    Any causal LM: a hub name, a local directory or GGUF; float32/bfloat16 (`dtype`), or 8-bit/4-bit
+    weights through bitsandbytes (`quantization`, CUDA only; checked before anything is loaded).
+    """
+    bnb = quantization_config(quantization, dtype)
+    model, tokenizer = _from_pretrained(prepare_llm(spec, cache_dir), dtype, bnb)
     model.eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

