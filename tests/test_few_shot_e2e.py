@@ -28,7 +28,7 @@ def test_few_shot_run_trains_k_shots_per_session_and_reports_every_session(tmp_p
     results = run_experiment(cfg)
 
     assert results["scenario"]["name"] == "FS-B6-3w3s"
-    gmm = results["methods"]["gmm[pseudo,trie]"]
+    gmm = results["methods"]["gmm[pseudo,trie+prior]"]
     print("few-shot e2e accuracy per session:",
           {name: [round(a, 3) for a in row["overall"]] for name, row in results["methods"].items()})
     assert [len(row) for row in gmm["task_acc"]] == [1, 2, 3]

@@ -209,6 +209,28 @@ def test_decode_constrained_reads_the_text_image(gmm):
         assert int(model.decode_constrained(visual[b: b + 1], model.label_trie(CLASSES)).classes[0]) == int(out.classes[b])
 
 
+def test_first_token_prior_moves_the_first_step_only_where_it_should(gmm):
+    model, visual = text_image_gmm(gmm, [" a school bus", " a cat", " a bus stop", " a hot dog"])
+    trie = model.label_trie(CLASSES)
+    plain = model.decode_constrained(visual, trie)
+    assert torch.equal(model.first_token_log_prob(visual, trie), plain.first_token_log_prob)
+    # a flat prior changes nothing: only differences between classes count
+    flat = model.decode_constrained(visual, trie, torch.full((len(CLASSES),), -3.0))
+    assert torch.equal(flat.classes, plain.classes)
+    # a prior that makes "cat" look like the model's standing favourite moves the cat image elsewhere,
+    # and leaves images whose own evidence is stronger than the penalty as they were
+    cat = CLASSES.index("cat")
+    prior = torch.zeros(len(CLASSES))
+    prior[cat] = 100.0
+    moved = model.decode_constrained(visual, trie, prior)
+    assert int(plain.classes[1]) == cat and int(moved.classes[1]) != cat
+    assert cat not in moved.classes.tolist()
+    assert moved.classes[[0, 2, 3]].tolist() == plain.classes[[0, 2, 3]].tolist()
+    # the same correction through the predict API
+    assert [p.label for p in predict(model, visual, CLASSES, "trie", prior=prior)] == \
+        [CLASSES[c] for c in moved.classes.tolist()]
+
+
 # ---- predict -------------------------------------------------------------------------------------
 def test_predict_trie_top_k(gmm):
     model, visual = text_image_gmm(gmm, [" a school bus", " a cat", " a bus stop", " a hot dog"])

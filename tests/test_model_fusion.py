@@ -1,7 +1,7 @@
 """The generative + prototype fusion rule (beyond the paper), on hand-made scores."""
 import torch
 
-from gmm_model.predict import fuse_with_prototypes, zscore
+from gmm_model.predict import first_token_prior, fuse_with_prototypes, zscore
 
 
 def test_zscore_standardises_rows():
@@ -24,3 +24,17 @@ def test_fusion_breaks_ties_between_classes_sharing_a_first_token():
     visual = torch.tensor([[[0.2, 0.9]]])
     tied = torch.tensor([[-0.5, -0.5]])
     assert fuse_with_prototypes(tied, visual, prototypes).tolist() == [1]
+
+
+def test_first_token_prior_is_the_log_mean_probability_over_class_means():
+    # rows: the model's log p(first token of class c) on the mean features of class m
+    p = torch.tensor([[0.7, 0.2, 0.1],
+                      [0.6, 0.3, 0.1],
+                      [0.5, 0.1, 0.4]])
+    prior = first_token_prior(p.log())
+    assert torch.allclose(prior.exp(), p.mean(0))
+    # class 0 is favoured on every class's mean: its prior is the largest, so correcting by it
+    # turns a sample that prefers class 0 only slightly into class 1
+    sample = torch.tensor([[0.45, 0.40, 0.15]]).log()
+    assert sample.argmax(1).tolist() == [0]
+    assert (sample - prior).argmax(1).tolist() == [1]

@@ -40,15 +40,17 @@ def test_incremental_run_writes_results_store_and_plot(tmp_path):
     cfg = small_config(tmp_path)
     results = run_experiment(cfg)
 
-    gmm = results["methods"]["gmm[pseudo,trie]"]
+    gmm = results["methods"]["gmm[pseudo,trie+prior]"]
     assert [len(row) for row in gmm["task_acc"]] == [1, 2]  # a row per task, a column per seen task
     assert len(gmm["overall"]) == 2 and all(0.0 <= a <= 1.0 for a in gmm["overall"])
     # aligned start + pseudo replay: far above chance (1/2 after task 1, 1/4 after task 2)
     assert gmm["overall"][0] > 0.5 and gmm["overall"][1] > 0.25
-    assert set(results["methods"]) == {"gmm[pseudo,trie]", "gmm[pseudo,trie+ncm]", "ncm", "linear_sequential", "joint"}
-    fused = results["methods"]["gmm[pseudo,trie+ncm]"]
+    assert set(results["methods"]) == {"gmm[pseudo,trie+prior]", "gmm[pseudo,trie+prior+ncm]", "ncm",
+                                       "linear_sequential", "joint"}
+    fused = results["methods"]["gmm[pseudo,trie+prior+ncm]"]
     assert fused["memory_bytes"] == gmm["memory_bytes"] + 4 * 1280 * 4  # plus one fp32 prototype per class
-    assert gmm["memory_bytes"] == 4 * 2 * 4 * 1280 * 4  # 4 classes x (mean, std) x 4 tokens x 1280 x fp32
+    # 4 classes x 4 tokens x 1280 x fp32 x (replay mean + std, and the class means the prior is estimated on)
+    assert gmm["memory_bytes"] == 4 * 4 * 1280 * 4 * 3
 
     on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
     assert on_disk["methods"]["ncm"]["overall"] == results["methods"]["ncm"]["overall"]
