@@ -309,6 +309,23 @@ def test_chat_format_needs_a_template(tiny_llm):
         chat_format(ModelStack().prompt, tokenizer)
 
 
+def test_bos_leads_the_prompt_once_when_the_tokenizer_uses_one(tiny_llm):
+    """LLaMA-style tokenizers start every text with BOS (MiniGPT-4 prepends it too); SmolLM2's adds none."""
+    from transformers import AutoTokenizer
+
+    from gmm_model.prompt import PromptTokens
+
+    fmt = ModelStack().prompt
+    plain = AutoTokenizer.from_pretrained(tiny_llm)
+    question = plain(fmt.prefix, add_special_tokens=False).input_ids
+    assert PromptTokens(plain, fmt).prefix == question  # the offline stack's prompt is unchanged
+    with_bos = AutoTokenizer.from_pretrained(tiny_llm, add_bos_token=True)
+    bos = with_bos.bos_token_id
+    assert PromptTokens(with_bos, fmt).prefix == [bos] + question
+    chat = PromptTokens(with_bos, chat_format(fmt, with_bos)).prefix  # the template already starts with it
+    assert chat[0] == bos and chat[1] != bos
+
+
 # ---- stacks, presets, fingerprints ----------------------------------------------------------------------
 def test_offline_small_fingerprint_and_identity_are_unchanged():
     """The shipped assets/aligned/1b73d88d6e5b.safetensors and every feature cache are keyed by these."""
