@@ -39,7 +39,7 @@ class VisionEncoder(nn.Module):
         weight = next(self.parameters())
         try:
             tokens = self(torch.zeros(1, 3, image_size, image_size, device=weight.device, dtype=weight.dtype))
-        except (RuntimeError, AssertionError, ValueError) as error:
+        except (RuntimeError, AssertionError, ValueError, AttributeError, NotImplementedError) as error:
             raise ValueError(f"{type(self).__name__} cannot encode {image_size}px images: {error}") from error
         self.num_tokens, self.width = int(tokens.shape[1]), int(tokens.shape[2])
 
