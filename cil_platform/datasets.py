@@ -9,6 +9,8 @@ Sources:
   relative path puts it in test with probability `test_fraction`, so adding files never moves others.
 - "imagenet_r", "cifar100", "tiny_imagenet": the standard on-disk layouts of those benchmarks, with
   human-readable class names (cil_platform/layouts.py; docs/datasets.md).
+- "parquet": files with an image-bytes column and a class-name column, on any fsspec URL, read with
+  Ray Data (cil_platform/parquet.py; docs/storage.md).
 
 Every row is {"key", "label", "image", "error"}. `key` is the sha1 of the image content (the
 feature-cache key). A file that cannot be read or decoded does not stop the run: its row carries
@@ -25,13 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pydantic
 import ray
 from PIL import Image, UnidentifiedImageError
 from ray.data.extensions import ArrowTensorArray, ArrowVariableShapedTensorArray
+
+from .storage import open_storage
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +48,30 @@ READ_THREADS = 8  # concurrent reads per batch
 ERROR_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)
 
 
+class ParquetColumns(pydantic.BaseModel):
+    """Column names of a parquet dataset; `split` is used only when present in the data."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    image: str = "image"  # encoded image bytes (binary), or a struct with a "bytes" field (Hugging Face)
+    label: str = "label"  # class name
+    split: str = "split"  # "train" / "test"
+
+
 class DatasetConfig(pydantic.BaseModel):
     """Where the images come from and how many of each class to keep."""
 
     model_config = pydantic.ConfigDict(extra="forbid")
 
-    kind: Literal["quickdraw", "folder", "imagenet_r", "cifar100", "tiny_imagenet"] = "quickdraw"
+    kind: Literal["quickdraw", "folder", "parquet", "imagenet_r", "cifar100", "tiny_imagenet"] = "quickdraw"
     path: str | None = None  # quickdraw: QUICKDRAW_PATH when None; others: required, local path or fsspec URL
     train_per_class: int | None = pydantic.Field(default=None, ge=0)  # first N per class in a fixed order
     test_per_class: int | None = pydantic.Field(default=None, ge=0)
     test_fraction: float = pydantic.Field(default=0.2, ge=0.0, le=1.0)  # folder/imagenet_r without train/, test/
     split_seed: int = 1993  # imagenet_r without train/ and test/: seeds its exact per-class split
     max_image_bytes: int = pydantic.Field(default=20_000_000, gt=0)
-    storage_options: dict[str, Any] = {}  # passed to fsspec for folder URLs (e.g. s3 endpoint, credentials)
+    storage_options: dict[str, Any] = {}  # fsspec options for the path's URL (e.g. s3 endpoint, credentials)
+    columns: ParquetColumns = ParquetColumns()  # parquet only
 
 
 @dataclass
@@ -81,6 +95,10 @@ def load_dataset(config: DatasetConfig, classes: Sequence[str] | None = None) ->
         return _load_quickdraw(config, classes)
     if config.kind == "folder":
         return _load_folder(config, classes)
+    if config.kind == "parquet":
+        from .parquet import load_parquet  # imported here: parquet builds on this module's helpers
+
+        return load_parquet(config, classes)
     from .layouts import load_layout  # imported here: layouts builds on this module's helpers
 
     return load_layout(config, classes)
@@ -179,8 +197,8 @@ def _folder_root(config: DatasetConfig):
     """(filesystem, root path) of the configured folder, which must exist."""
     if not config.path:
         raise ValueError(f"dataset kind {config.kind!r} needs a path (local path or fsspec URL)")
-    fs, root = fsspec.core.url_to_fs(config.path, **config.storage_options)
-    root = root.rstrip("/") or "/"
+    storage = open_storage(config.path, config.storage_options)
+    fs, root = storage.fs, storage.path.rstrip("/") or "/"
     if not fs.exists(root):
         raise FileNotFoundError(f"dataset folder not found: {config.path}")
     if not fs.isdir(root):
@@ -201,13 +219,20 @@ def _load_folder(config: DatasetConfig, classes: Sequence[str] | None) -> Datase
 
 def _presplit_class_files(fs, root: str, files: dict[str, int], path: str) -> tuple[dict, dict] | None:
     """The class files of root/train and root/test when both exist; None when neither does."""
+    if _presplit(fs, root, path):
+        return _class_files(fs, root, "train", files), _class_files(fs, root, "test", files)
+    return None
+
+
+def _presplit(fs, root: str, path: str) -> bool:
+    """Whether root has train/ and test/ sub-folders; only one of them is an error."""
     top = _subfolders(fs, root)
     if "train" in top and "test" in top:
-        return _class_files(fs, root, "train", files), _class_files(fs, root, "test", files)
+        return True
     if "train" in top or "test" in top:
         raise ValueError(f"{path} has only one of train/ and test/: give both, or neither "
-                         "(then every sub-folder is a class and the split is computed)")
-    return None
+                         "(then the split is computed)")
+    return False
 
 
 def _file_splits(fs, root: str, train: dict[str, list[tuple[str, int]]], test: dict[str, list[tuple[str, int]]],
@@ -293,10 +318,7 @@ def _files_to_rows(fs, root: str, by_class: dict[str, list[tuple[str, int]]], wa
              for name in sorted(by_class) if name in wanted
              for rel, size in by_class[name][:per_class]]
     if not items:
-        empty = pa.table({"key": pa.array([], pa.string()), "label": pa.array([], pa.string()),
-                          "image": ArrowTensorArray.from_numpy(np.zeros((0, 1, 1, 3), np.uint8)),
-                          "error": pa.array([], pa.string())})
-        return LabelledImages(dataset=ray.data.from_arrow(empty), num_rows=0)
+        return _empty_rows()
     blocks = max(1, min(len(items) // FILES_PER_BATCH, 200))
     dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         _decode_batch, fn_kwargs={"fs": fs, "max_bytes": max_bytes}, batch_size=FILES_PER_BATCH,
@@ -311,15 +333,34 @@ def _decode_batch(batch: pa.Table, fs, max_bytes: int) -> pa.Table:
     # Threads hide object-store latency; one cat_file per path (fs.cat(list) would glob "[", "*").
     with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
         contents = list(pool.map(lambda p, s: _read(fs, p, s, max_bytes), paths, sizes))
+    return decode_contents(paths, sizes, contents, batch.column("label"), max_bytes)
+
+
+def decode_contents(names: list[str], sizes: list[int], contents: list, labels: pa.ChunkedArray,
+                    max_bytes: int) -> pa.Table:
+    """Rows {key, label, image, error} from raw contents (bytes, an exception, or None when too large
+    to read), named in error messages by `names`; shared by every loader of encoded images."""
     keys, images, errors = [], [], []
-    for path, size, data in zip(paths, sizes, contents):
-        key, image, error = _decode_one(path, size, data, max_bytes)
+    for name, size, data in zip(names, sizes, contents):
+        key, image, error = _decode_one(name, size, data, max_bytes)
         keys.append(key)
         images.append(image)
         errors.append(error)
-    return pa.table({"key": pa.array(keys, pa.string()), "label": batch.column("label"),
-                     "image": ArrowVariableShapedTensorArray.from_numpy(images),
+    # an empty batch (a filter kept nothing) must still have the image column's type of the other batches
+    image_column = ArrowVariableShapedTensorArray.from_numpy(images or [ERROR_IMAGE])[:len(images)]
+    return pa.table({"key": pa.array(keys, pa.string()), "label": labels, "image": image_column,
                      "error": pa.array(errors, pa.string())})
+
+
+def _empty_table() -> pa.Table:
+    return pa.table({"key": pa.array([], pa.string()), "label": pa.array([], pa.string()),
+                     "image": ArrowTensorArray.from_numpy(np.zeros((0, 1, 1, 3), np.uint8)),
+                     "error": pa.array([], pa.string())})
+
+
+def _empty_rows() -> LabelledImages:
+    """No rows, with the columns every loader produces."""
+    return LabelledImages(dataset=ray.data.from_arrow(_empty_table()), num_rows=0)
 
 
 def _read(fs, path: str, size: int, max_bytes: int) -> bytes | BaseException | None:

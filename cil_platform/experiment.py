@@ -19,7 +19,7 @@ from gmm_model.vision import VisionEncoder
 
 from .alignment import AlignedProjection, alignment_classes, default_aligned_path, read_aligned, write_aligned
 from .baselines import NearestClassMean, make_baseline
-from .config import REPO_ROOT, ExperimentConfig
+from .config import CREDENTIAL_FIELDS, REPO_ROOT, ExperimentConfig
 from .datasets import dataset_class_names, load_dataset
 from .evaluation import ClassMeans, EvaluatorPool
 from .features import FeatureCache, FeatureTable, extract_features
@@ -28,6 +28,7 @@ from .replay import make_memory
 from .report import format_table, write_report
 from .run_state import open_run_state
 from .scenario import build_scenario
+from .storage import join_url
 from .store import ProjectionStore
 from .training import train_task
 
@@ -52,7 +53,7 @@ def features_for(cfg: ExperimentConfig, encoder: VisionEncoder, classes: list[st
                  **dataset_overrides) -> tuple[FeatureTable, FeatureTable]:
     """Cached frozen features of the train and test split of `classes` (computed where missing)."""
     splits = load_dataset(cfg.dataset.model_copy(update=dataset_overrides), classes=classes)
-    cache = FeatureCache(str(Path(cfg.cache_dir) / "features"), encoder.identity)
+    cache = FeatureCache(cfg.features_url, encoder.identity, cfg.storage.options)
     train, test = extract_features([splits.train, splits.test], cfg.stack, cache, actors=cfg.eval.actors)
     return train, test
 
@@ -80,7 +81,7 @@ def build_alignment(cfg: ExperimentConfig, class_names: list[str], encoder: Visi
     train, _ = features_for(cfg, encoder, classes, train_per_class=align.train_per_class, test_per_class=1)
     train_cfg = cfg.train.model_copy(update={"epochs": align.epochs, "lr": align.lr})
     result = train_task(-1, train, None, None, cfg.stack, encoder.width, cfg.cache_dir, train_cfg, 0.0,
-                        str(Path(cfg.output_dir, "ray_train").resolve()), cfg.seed)
+                        join_url(cfg.run_url, "ray_train"), cfg.seed, storage_options=cfg.storage.options)
     return AlignedProjection(result.projection, classes, "stage-1")
 
 
@@ -105,7 +106,7 @@ def run_experiment(cfg: ExperimentConfig, fresh: bool = False) -> dict:
           f"skipped {dict(train.skipped + test.skipped) or 0}; features ready at {time.perf_counter() - started:.0f}s",
           flush=True)
 
-    store = ProjectionStore(cfg.store_url)
+    store = ProjectionStore(cfg.store_url, cfg.storage.options)
     memory = make_memory(cfg.replay.mode, cfg.replay.budget, cfg.replay.selection, cfg.seed)
     baselines = [make_baseline(name, cfg.seed) for name in cfg.baselines]
     trie = cfg.eval.decode == "trie"
@@ -142,7 +143,7 @@ def run_experiment(cfg: ExperimentConfig, fresh: bool = False) -> dict:
             t0 = time.perf_counter()
             trained = train_task(task.index, task_train, projection, memory.payload(), cfg.stack, visual_width,
                                  cfg.cache_dir, cfg.train, cfg.replay.ratio if cfg.replay.mode != "none" else 0.0,
-                                 storage, cfg.seed)
+                                 storage, cfg.seed, storage_options=cfg.storage.options)
             projection = trained.projection
             manifest = store.publish(task.index, projection, seen, cfg.stack.fingerprint,
                                      extra={"experiment": cfg.name, "replay": cfg.replay.mode})
@@ -190,7 +191,7 @@ def run_experiment(cfg: ExperimentConfig, fresh: bool = False) -> dict:
         row["metrics"] = CLMetrics.from_matrix(row["task_acc"], row["overall"]).summary()
     results = {
         "title": f"{cfg.name}: {scenario.name} on {len(scenario.class_order)} classes",
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.model_dump(mode="json", exclude=CREDENTIAL_FIELDS),
         "scenario": {"name": scenario.name, "class_order": scenario.class_order},
         "alignment": {"origin": aligned.origin, "classes": len(aligned.classes)} if aligned else None,
         "skipped_images": dict(train.skipped + test.skipped),
@@ -198,6 +199,8 @@ def run_experiment(cfg: ExperimentConfig, fresh: bool = False) -> dict:
         "seconds": time.perf_counter() - started,
     }
     paths = write_report(str(out), results)
+    if cfg.storage.url:  # and beside the store: the driver's disk may not outlive a cluster
+        paths.update({f"{k} (copy)": v for k, v in write_report(cfg.run_url, results, cfg.storage.options).items()})
     print(format_table(results))
     print(f"wrote {', '.join(paths.values())} in {results['seconds']:.0f}s")
     return results

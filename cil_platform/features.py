@@ -13,7 +13,6 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 import ray
 from safetensors.numpy import load as load_tensors
@@ -23,6 +22,7 @@ from gmm_model import ModelStack, create_encoder
 
 from .datasets import LabelledImages
 from .fsio import atomic_write_bytes
+from .storage import open_storage
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ class FeatureTable:
 
 class FeatureCache:
     def __init__(self, url: str, encoder_identity: str, storage_options: dict | None = None):
-        self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        storage = open_storage(url, storage_options)
+        self.fs, root = storage.fs, storage.path
         digest = hashlib.sha256(encoder_identity.encode()).hexdigest()[:16]
         self.dir = f"{root.rstrip('/')}/{digest}"
         self.encoder_identity = encoder_identity

@@ -12,10 +12,10 @@ from __future__ import annotations
 import io
 import json
 
-from fsspec.core import url_to_fs
-from fsspec.implementations.local import LocalFileSystem
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .storage import open_storage
 
 _COLUMNS = ["method", "avg inc acc %", "last acc %", "avg forgetting %", "BWT %", "memory bytes", "seconds"]
 _METRICS = ["average_incremental_accuracy", "last_accuracy", "average_forgetting", "backward_transfer"]
@@ -62,14 +62,14 @@ def _plot(results: dict) -> bytes:
     return buffer.getvalue()
 
 
-def write_report(out_dir: str, results: dict) -> dict[str, str]:
+def write_report(out_dir: str, results: dict, storage_options: dict | None = None) -> dict[str, str]:
     """Write results.json and accuracy.png under out_dir (any fsspec URL); returns their paths."""
-    fs, root = url_to_fs(out_dir)
-    root = root.rstrip("/")
+    storage = open_storage(out_dir, storage_options)
+    fs, root = storage.fs, storage.path.rstrip("/")
     fs.makedirs(root, exist_ok=True)
     paths = {"results": f"{root}/results.json", "plot": f"{root}/accuracy.png"}
     fs.pipe(paths["results"], json.dumps(results, indent=2).encode())
     fs.pipe(paths["plot"], _plot(results))
-    if isinstance(fs, LocalFileSystem):
+    if storage.is_local:
         return paths
     return {key: fs.unstrip_protocol(path) for key, path in paths.items()}

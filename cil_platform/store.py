@@ -12,10 +12,10 @@ import re
 from datetime import datetime, timezone
 from typing import Any
 
-from fsspec.core import url_to_fs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .fsio import atomic_write_bytes
+from .storage import open_storage
 
 WEIGHTS_FILE = "projection.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -57,8 +57,8 @@ class ProjectionStore:
 
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url
-        self.fs, self.root = url_to_fs(url, **(storage_options or {}))
-        self.root = self.root.rstrip("/")
+        storage = open_storage(url, storage_options)
+        self.fs, self.root = storage.fs, storage.path.rstrip("/")
 
     def __repr__(self) -> str:
         return f"ProjectionStore({self.url!r})"

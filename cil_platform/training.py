@@ -29,6 +29,7 @@ from gmm_model import ModelStack, create_gmm
 
 from .features import FeatureTable
 from .replay import sample_replay
+from .storage import open_storage
 
 PROJECTION_FILE = "projection.safetensors"
 STATE_FILE = "trainer_state.pt"
@@ -128,7 +129,8 @@ def train_task_loop(config: dict) -> None:
 
 def train_task(task_index: int, features: FeatureTable, projection: bytes | None, replay_payload: dict | None,
                stack: ModelStack, visual_width: int, cache_dir: str, train_cfg, replay_ratio: float,
-               storage_path: str, seed: int, max_failures: int = 1) -> TaskTrainingResult:
+               storage_path: str, seed: int, max_failures: int = 1,
+               storage_options: dict | None = None) -> TaskTrainingResult:
     """Run the projection update of one task as one TorchTrainer fit; returns the trained weights."""
     if len(features) == 0:
         raise ValueError(f"task {task_index} has no training images")
@@ -150,7 +152,9 @@ def train_task(task_index: int, features: FeatureTable, projection: bytes | None
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=train_cfg.use_gpu,
                                      resources_per_worker={"CPU": train_cfg.threads_per_worker},
                                      placement_strategy=train_cfg.placement_strategy),
-        run_config=RunConfig(name=f"task-{task_index:03d}", storage_path=storage_path,
+        # storage_path: a local path or any fsspec URL (checkpoints on s3:// with storage_options)
+        run_config=RunConfig(name=f"task-{task_index:03d}",
+                             **open_storage(storage_path, storage_options).ray_train_storage(),
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
     result = trainer.fit()
