@@ -55,6 +55,8 @@ def create_open_clip(name: str, weights: str | None, **kwargs) -> torch.nn.Modul
     if weights is None and not name.startswith(OPEN_CLIP_SCHEMAS):
         raise ValueError(f"open_clip model {name!r} needs weights: a pretrained tag such as 'openai' "
                          f"(known: {open_clip.list_pretrained_tags_by_model(name) or 'none'}) or a local file")
+    if weights is not None and open_clip.get_pretrained_cfg(name, weights).get("quick_gelu"):
+        kwargs["force_quick_gelu"] = True  # e.g. OpenAI's ViT-B-16 was trained with QuickGELU; the plain config has GELU
     try:
         model = open_clip.create_model(name, pretrained=weights, **kwargs)
     except (RuntimeError, OSError, ValueError, KeyError) as error:
