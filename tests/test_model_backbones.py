@@ -353,7 +353,7 @@ def test_weights_fields_belong_to_their_models():
 
 
 def test_presets_selectable_from_the_experiment_config():
-    from cil_platform.config import ExperimentConfig, apply_override
+    from cil_platform.config import ExperimentConfig, apply_override, load_config
 
     tree: dict = {}
     apply_override(tree, "model.preset=paper-minigpt4-vicuna7b")
@@ -364,3 +364,8 @@ def test_presets_selectable_from_the_experiment_config():
     assert stack.matcher == "open_clip:ViT-B-16" and stack.matcher_weights == "openai"
     for name, preset in PRESETS.items():
         assert ExperimentConfig.model_validate({"model": name}).stack == preset
+    for shipped in ("configs/demo.yaml", "configs/imagenet-r.yaml"):  # the shipped configs take the override too
+        stack = load_config(shipped, ["dataset.path=/data", "model.preset=paper-minigpt4-vicuna7b",
+                                      "model.projection_init=/ckpt/prerained_minigpt4_7b.pth"]).stack
+        assert stack == PRESETS["paper-minigpt4-vicuna7b"].model_copy(
+            update={"projection_init": "/ckpt/prerained_minigpt4_7b.pth"})
