@@ -82,10 +82,10 @@ def quantization_config(quantization: Quantization, dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
-def _from_pretrained(source: LLMSource, dtype: torch.dtype, quantization=None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _from_pretrained(source: LLMSource, dtype: torch.dtype, bnb_config=None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    if quantization is not None:  # quantised weights are placed on the GPU as they load
-        kwargs.update(quantization_config=quantization, device_map={"": torch.cuda.current_device()})
+    if bnb_config is not None:  # quantised weights are placed on the GPU as they load
+        kwargs.update(quantization_config=bnb_config, device_map={"": torch.cuda.current_device()})
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
