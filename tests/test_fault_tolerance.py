@@ -1,0 +1,160 @@
+"""Fault tolerance with real kills (SIGKILL, no raised exceptions), real models and QuickDraw:
+
+- a Ray Train worker killed mid-task: the worker group restarts from the last epoch checkpoint and the
+  fit ends with exactly the projection of an uninterrupted fit with the same seed;
+- the driver (jobs/incremental.py) killed mid-run: the same command resumes after the last completed
+  task and ends with exactly the accuracy matrix of an uninterrupted run; the store stays intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+import torch
+from safetensors.torch import load as load_tensors
+
+from cil_platform.config import REPO_ROOT, ExperimentConfig
+from cil_platform.experiment import features_for, init_ray
+from cil_platform.replay import PseudoFeatureReplay
+from cil_platform.store import ProjectionStore
+from cil_platform.training import train_task
+from gmm_model import create_encoder
+
+pytestmark = pytest.mark.e2e
+
+# Ray Train (V2) writes this file under <storage>/<run name>/ once the controller has registered a
+# checkpoint; from then on a restarted worker group is handed that checkpoint.
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what} after {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+def ray_train_workers() -> list[psutil.Process]:
+    """This test's Ray Train worker processes (descendants of this process: our own Ray instance only)."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+@pytest.fixture
+def own_ray():
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(None)
+    yield
+    ray.shutdown()
+
+
+def test_a_killed_training_worker_restarts_from_its_checkpoint_and_matches_an_uninterrupted_fit(tmp_path, own_ray):
+    cfg = ExperimentConfig(dataset={"kind": "quickdraw", "train_per_class": 16, "test_per_class": 1},
+                           output_dir=str(tmp_path))
+    encoder = create_encoder(cfg.stack)
+    features, _ = features_for(cfg, encoder, ["apple", "cat", "dog"])
+    memory = PseudoFeatureReplay()  # an old class to replay: exercises the per-epoch replay RNG
+    memory.update(features.select(["apple"]))
+    fit = dict(task_index=1, features=features.select(["cat", "dog"]), projection=None,
+               replay_payload=memory.payload(), stack=cfg.stack, visual_width=encoder.width, cache_dir=cfg.cache_dir,
+               train_cfg=cfg.train.model_copy(update={"epochs": 3, "batch_size": 4, "num_workers": 2}),
+               replay_ratio=1.0, seed=0, max_failures=1)
+
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(train_task, storage_path=str(tmp_path / "killed"), **fit)
+        wait_for(lambda: (tmp_path / "killed" / "task-001" / RAY_TRAIN_SNAPSHOT).exists() or future.done(), 600,
+                 "the first registered checkpoint")
+        assert not future.done(), f"the fit ended before a checkpoint was registered: {future.exception()}"
+        workers = ray_train_workers()
+        assert len(workers) == 2, [w.cmdline() for w in workers]
+        victim = workers[0]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+        killed = future.result(timeout=600)
+
+    assert 1 <= killed.metrics["start_epoch"] <= 2  # the last report came from a worker group restored mid-fit
+    uninterrupted = train_task(storage_path=str(tmp_path / "uninterrupted"), **fit)
+    assert uninterrupted.metrics["start_epoch"] == 0
+    a, b = load_tensors(killed.projection), load_tensors(uninterrupted.projection)
+    assert a.keys() == b.keys()
+    for name in a:  # tolerance 0: same seeds, same shards, same restored optimizer state
+        assert torch.equal(a[name], b[name]), (name, (a[name] - b[name]).abs().max().item())
+
+
+SMALL_RUN = ["--set", "name=resume", "--set", "dataset.train_per_class=8", "--set", "dataset.test_per_class=4",
+             "--set", "scenario.num_classes=6", "--set", "scenario.increment=2", "--set", "scenario.order_seed=5",
+             "--set", "train.num_workers=1", "--set", "train.batch_size=4", "--set", "eval.actors=1",
+             "--set", "replay.mode=exemplar", "--set", "replay.selection=random", "--set", "replay.budget=6"]
+
+
+def job(output_dir: Path) -> list[str]:
+    return [sys.executable, str(REPO_ROOT / "jobs" / "incremental.py"), "--set", f"output_dir={output_dir}", *SMALL_RUN]
+
+
+def job_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always a local Ray of its own
+    env.update(RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def run_to_completion(output_dir: Path) -> str:
+    done = subprocess.run(job(output_dir), env=job_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def methods(output_dir: Path) -> dict:
+    results = json.loads((output_dir / "results.json").read_text())
+    return {name: (row["task_acc"], row["overall"]) for name, row in results["methods"].items()}
+
+
+def test_a_killed_driver_resumes_after_its_last_completed_task_with_the_same_results(tmp_path):
+    if ray.is_initialized():
+        ray.shutdown()  # the jobs start their own Ray; free this process' instance first
+    out = tmp_path / "killed"
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(job(out), env=job_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            # task 1 committed (store version and run state), and task 2's Ray Train fit has begun
+            wait_for(lambda: (out / "run_state" / "task-0000" / "state.json").exists() and
+                     any((out / "ray_train").glob("*/task-001")) or first.poll() is not None, 600,
+                     "task 1 to complete and task 2 to start")
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=30)
+        finally:
+            try:  # the killed driver's own Ray processes, if any outlived it (its process group only)
+                os.killpg(first.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    store = ProjectionStore(str(out / "store"))
+    assert store.versions() == [0]
+    task1_published = store.manifest(0).created_at
+
+    resumed_log = run_to_completion(out)
+    assert "resuming" in resumed_log and "1 of 3 tasks were completed" in resumed_log, resumed_log[-3000:]
+    assert "task 1/3:" not in resumed_log and "task 2/3:" in resumed_log and "task 3/3:" in resumed_log
+    assert store.versions() == [0, 1, 2]
+    assert store.manifest(0).created_at == task1_published  # task 1 was not trained or published again
+    for version in store.versions():
+        store.load(version)  # sha256 and size checked against the manifest: raises on a corrupt entry
+
+    run_to_completion(tmp_path / "uninterrupted")
+    assert methods(out) == methods(tmp_path / "uninterrupted")  # every method's accuracy matrix, exactly
