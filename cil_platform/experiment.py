@@ -26,9 +26,8 @@ from .features import FeatureCache, FeatureTable, extract_features
 from .metrics import CLMetrics, evaluate_task
 from .replay import make_memory
 from .report import format_table, write_report
-from .run_state import open_run_state
+from .run_state import open_run_state, train_storage
 from .scenario import build_scenario
-from .storage import join_url
 from .store import ProjectionStore
 from .training import train_task
 
@@ -81,7 +80,7 @@ def build_alignment(cfg: ExperimentConfig, class_names: list[str], encoder: Visi
     train, _ = features_for(cfg, encoder, classes, train_per_class=align.train_per_class, test_per_class=1)
     train_cfg = cfg.train.model_copy(update={"epochs": align.epochs, "lr": align.lr})
     result = train_task(-1, train, None, None, cfg.stack, encoder.width, cfg.cache_dir, train_cfg, 0.0,
-                        join_url(cfg.run_url, "ray_train"), cfg.seed, storage_options=cfg.storage.options)
+                        train_storage(cfg), cfg.seed, storage_options=cfg.storage.options)
     return AlignedProjection(result.projection, classes, "stage-1")
 
 
@@ -120,7 +119,7 @@ def run_experiment(cfg: ExperimentConfig, fresh: bool = False) -> dict:
     evaluators = EvaluatorPool(cfg.eval.actors, cfg.stack, visual_width, cfg.cache_dir, cfg.eval.decode,
                                cfg.eval.batch_size)
     projection = aligned.weights if aligned else None
-    storage = run.train_storage
+    storage = train_storage(cfg)
     tasks = []
     throughput = dict.fromkeys(["train_images", "train_seconds", "eval_images", "eval_seconds"], 0.0)
     components = {"memory": memory, **({"prototypes": prototypes} if prototypes else {}),

@@ -29,7 +29,7 @@ import numpy as np
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
-from .config import ExperimentConfig
+from .config import CREDENTIAL_FIELDS, ExperimentConfig
 from .fsio import atomic_write_bytes
 from .storage import Storage, join_url, open_storage
 from .store import CorruptEntryError, Manifest, ProjectionStore
@@ -70,11 +70,15 @@ class Resumed:
     throughput: dict
 
 
+def train_storage(cfg: ExperimentConfig) -> str:
+    """Where Ray Train keeps this config's fits (alignment and tasks): `<run_url>/ray_train/<config hash>`."""
+    return join_url(cfg.run_url, TRAIN_DIR, config_hash(cfg)[:16])
+
+
 def config_hash(cfg: ExperimentConfig) -> str:
-    tree = cfg.model_dump(mode="json")
+    tree = cfg.model_dump(mode="json", exclude=CREDENTIAL_FIELDS)  # credentials and endpoints: where, too
     for key in NOT_HASHED:
         tree.pop(key, None)
-    tree["dataset"].pop("storage_options", None)  # credentials and endpoints: where the data is read from
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 
@@ -85,9 +89,6 @@ class RunState:
         self.fs, self.config_hash = run.fs, cfg_hash
         self.root = join_url(run.path, STATE_DIR)
         self._train_root = join_url(run.path, TRAIN_DIR)
-        # Ray Train's storage for this config: a local path, or the URL (its filesystem: storage.Storage.arrow)
-        train = join_url(self._train_root, cfg_hash[:16])
-        self.train_storage = train if run.is_local else self.fs.unstrip_protocol(train)
 
     def _dir(self, task: int) -> str:
         return join_url(self.root, f"task-{task:04d}")

@@ -8,7 +8,8 @@ from cil_platform.baselines import LinearHead, NearestClassMean
 from cil_platform.config import ExperimentConfig
 from cil_platform.features import FeatureTable
 from cil_platform.replay import ExemplarMemory, NoReplay, PseudoFeatureReplay
-from cil_platform.run_state import (ConfigMismatchError, RunState, RunStateError, config_hash, open_run_state)
+from cil_platform.run_state import (ConfigMismatchError, RunState, RunStateError, config_hash, open_run_state,
+                                    train_storage)
 from cil_platform.storage import open_storage
 from cil_platform.store import ProjectionStore
 
@@ -142,7 +143,7 @@ def test_another_config_is_an_error_unless_fresh(tmp_path):
     state, store = open_run_state(cfg), ProjectionStore(cfg.store_url)
     run_task(components(), state, store, 0, {"gmm": {"overall": []}})
     train_dir = tmp_path / "out" / "ray_train" / config_hash(cfg)[:16]
-    assert state.train_storage == str(train_dir)
+    assert train_storage(cfg) == str(train_dir)
     train_dir.mkdir(parents=True)
 
     with pytest.raises(ConfigMismatchError, match="another config.*--fresh"):
