@@ -19,6 +19,7 @@ import logging
 from collections import Counter
 from typing import Sequence
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -55,16 +56,17 @@ def load_parquet(config: DatasetConfig, classes: Sequence[str] | None) -> Datase
 
     names = {raw: name for raw, name in normalised.items() if name in wanted}
     needed = [columns.image, columns.label, "path", *([split_column] if split_column else [])]
-    fetched = [ds.select_columns(needed).map_batches(_label_and_hash, batch_format="pyarrow",
-                            fn_kwargs={"columns": columns, "names": names, "split": split,
-                                       "split_column": split_column, "test_fraction": config.test_fraction,
-                                       "max_bytes": config.max_image_bytes})
-               for split, ds in reads.items()]
-    raw = (fetched[0].union(*fetched[1:]) if len(fetched) > 1 else fetched[0]).materialize()
-    index = raw.select_columns(["key", "label", "split"]).to_pandas()
+    # one materialized dataset per source (not a union of them: Ray Data's union stalled on a busy 2-CPU node)
+    fetched = {split: ds.select_columns(needed).map_batches(
+                   _label_and_hash, batch_format="pyarrow",
+                   fn_kwargs={"columns": columns, "names": names, "split": split, "split_column": split_column,
+                              "test_fraction": config.test_fraction, "max_bytes": config.max_image_bytes}).materialize()
+               for split, ds in reads.items()}
+    index = pd.concat([raw.select_columns(["key", "label", "split"]).to_pandas() for raw in fetched.values()])
     _warn_other_splits(index, config.path, split_column)
     caps = {"train": config.train_per_class, "test": config.test_per_class}
-    splits = {split: _split_rows(raw, index, split, caps[split], config.max_image_bytes) for split in SPLITS}
+    splits = {split: _split_rows(fetched.get(split, fetched.get("")), index, split, caps[split],
+                                 config.max_image_bytes) for split in SPLITS}
     return DatasetSplits(splits["train"], splits["test"], class_names, source, None)
 
 
