@@ -55,11 +55,11 @@ def deepspeed_settings(path: str | None, use_gpu: bool, batch_size: int, workers
             raise ValueError(f"DeepSpeed config {source}: remove the {section!r} section; the optimizer (AdamW) "
                              "and the LR schedule (warm-up cosine) come from train.lr, train.weight_decay "
                              "and train.warmup_fraction")
+    if _enabled(ds, "fp16") and _enabled(ds, "bf16"):
+        raise ValueError(f"DeepSpeed config {source}: fp16 and bf16 are both enabled; pick one")
     if _enabled(ds, "fp16") and not use_gpu:
         raise ValueError(f"DeepSpeed config {source}: fp16 is not supported on CPU (DeepSpeed's CPU accelerator "
                          "runs fp32 or bf16); disable fp16 or set train.use_gpu=true")
-    if _enabled(ds, "fp16") and _enabled(ds, "bf16"):
-        raise ValueError(f"DeepSpeed config {source}: fp16 and bf16 are both enabled; pick one")
     _agree(ds, "train_micro_batch_size_per_gpu", batch_size, source, "train.batch_size")
     _agree(ds, "gradient_accumulation_steps", 1, source, "the optimizer steps per batch")
     _agree(ds, "train_batch_size", batch_size * workers, source, "train.batch_size x workers")
