@@ -16,7 +16,7 @@ import pytest
 import ray
 from safetensors.numpy import load as load_safetensors
 
-from cil_platform.config import load_config
+from cil_platform.config import ExperimentConfig, load_config
 from cil_platform.experiment import run_experiment
 from cil_platform.store import ProjectionStore
 from tests.ray_cluster import local_cluster
@@ -32,12 +32,12 @@ OVERRIDES = ["name=two-nodes", "seed=7", "dataset.train_per_class=8", "dataset.t
              "train.batch_size=4", "train.placement_strategy=SPREAD", "eval.actors=1", "baselines=[]"]
 
 
-def run_single_node(output_dir: Path) -> dict:
+def run_single_node(config: ExperimentConfig) -> dict:
     """The reference: the same experiment in this process, on a fresh local single-node Ray."""
     if ray.is_initialized():
         ray.shutdown()
     try:
-        return run_experiment(load_config(None, [*OVERRIDES, f"output_dir={output_dir}"]))
+        return run_experiment(config)
     finally:
         ray.shutdown()
 
@@ -48,14 +48,14 @@ def projections(store_url: str) -> list[dict[str, np.ndarray]]:
 
 
 def test_two_node_job_matches_a_single_node_run(tmp_path):
-    reference = run_single_node(tmp_path / "single")
+    single = load_config(None, [*OVERRIDES, f"output_dir={tmp_path / 'single'}"])
+    reference = run_single_node(single)
 
     with local_cluster(num_cpus=2, extra_nodes=1) as cluster:
         nodes = set(cluster.wait_for_nodes(2))
-        out = tmp_path / "cluster"
-        job = cluster.submit("python", "jobs/incremental.py",
-                             *[arg for o in [*OVERRIDES, f"output_dir={out}"] for arg in ("--set", o)],
-                             working_dir=REPO, timeout=900)
+        spread_overrides = [*OVERRIDES, f"output_dir={tmp_path / 'cluster'}"]
+        job = cluster.submit("python", "jobs/incremental.py", *[arg for o in spread_overrides for arg in ("--set", o)],
+                             working_dir=REPO, timeout=1800)
         assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:] + job.stderr[-3000:]
         # Ray's own record of where every training worker ran (dead actors included): one group per fit
         workers = cluster.state("actors", "class_name=RayTrainWorker", detail=True)
@@ -66,15 +66,16 @@ def test_two_node_job_matches_a_single_node_run(tmp_path):
     assert len(nodes_per_fit) == 2, workers  # one fit per task
     assert all(used == nodes for used in nodes_per_fit.values()), nodes_per_fit  # each fit on both nodes
 
-    submitted = json.loads((out / "results.json").read_text())
+    submitted = json.loads((tmp_path / "cluster" / "results.json").read_text())
     assert submitted["scenario"] == reference["scenario"]
     assert set(submitted["methods"]) == set(reference["methods"])
     for name, row in reference["methods"].items():
         assert submitted["methods"][name]["task_acc"] == row["task_acc"], name
         assert submitted["methods"][name]["overall"] == row["overall"], name
 
-    single, spread = projections(str(tmp_path / "single" / "store")), projections(str(out / "store"))
-    assert len(single) == len(spread) == 2
-    for a, b in zip(single, spread):
+    spread = load_config(None, spread_overrides)  # the job's config, as the job built it
+    single_weights, spread_weights = projections(single.store_url), projections(spread.store_url)
+    assert len(single_weights) == len(spread_weights) == 2
+    for a, b in zip(single_weights, spread_weights):
         assert a.keys() == b.keys()
         assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= WEIGHT_TOLERANCE
