@@ -5,7 +5,6 @@ import hashlib
 import io
 import logging
 import os
-import socket
 import unicodedata
 from collections import Counter
 
@@ -261,34 +260,18 @@ def test_folder_bad_layouts(tmp_path):
         load_dataset(DatasetConfig(kind="folder", path=str(tmp_path)))
 
 
-# ---------------------------------------------------------------- object store (moto's S3 server)
+# ---------------------------------------------------------------- object store (moto's S3 server, tests/s3.py)
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    moto_server = pytest.importorskip("moto.server")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-def test_folder_on_s3(s3_endpoint):
-    import fsspec
-
-    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_endpoint}}
-    fs = fsspec.filesystem("s3", **options)
-    fs.mkdir("pictures")
+def test_folder_on_s3(s3_bucket):
+    fs, root = s3_bucket.storage().fs, f"{s3_bucket.name}/set"
     rng = np.random.default_rng(2)
     cat = rng.integers(0, 256, (5, 4, 3), dtype=np.uint8)
-    fs.pipe({"pictures/set/train/cat/a.png": png_bytes(cat),
-             "pictures/set/train/café crème/b.jpg": jpeg_bytes(cat),
-             "pictures/set/train/café crème/broken.jpg": b"\xff\xd8 not really",
-             "pictures/set/train/café crème/truncated.jpg": jpeg_bytes(cat)[:200],
-             "pictures/set/test/cat/c.png": png_bytes(cat[::-1])})
-    splits = load_dataset(DatasetConfig(kind="folder", path="s3://pictures/set", storage_options=options))
+    fs.pipe({f"{root}/train/cat/a.png": png_bytes(cat),
+             f"{root}/train/café crème/b.jpg": jpeg_bytes(cat),
+             f"{root}/train/café crème/broken.jpg": b"\xff\xd8 not really",
+             f"{root}/train/café crème/truncated.jpg": jpeg_bytes(cat)[:200],
+             f"{root}/test/cat/c.png": png_bytes(cat[::-1])})
+    splits = load_dataset(DatasetConfig(kind="folder", path=s3_bucket.url("set"), storage_options=s3_bucket.options))
     assert splits.class_names == ["café crème", "cat"]
     train = sorted(rows(splits.train), key=lambda r: (r["label"], r["error"]))
     assert [(r["label"], r["error"].split(":")[0]) for r in train] == [
