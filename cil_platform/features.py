@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -56,17 +57,21 @@ class FeatureCache:
         self.encoder_identity = encoder_identity
 
     def _shards(self) -> list[str]:
+        """Oldest first: shards are named by creation time (`shard-<uuid>` names predate that and come first)."""
         if not self.fs.exists(self.dir):
             return []
-        return sorted(p for p in self.fs.ls(self.dir, detail=False) if p.endswith(".safetensors"))
+        names = [p for p in self.fs.ls(self.dir, detail=False) if p.endswith(".safetensors")]
+        return sorted(names, key=lambda p: (not p.rsplit("/", 1)[-1].startswith("shard-"), p))
 
     def load_all(self) -> dict[str, np.ndarray]:
-        """key -> (T, D) features, over every shard."""
+        """key -> (T, D) features, over every shard. The oldest entry of a key wins: runs that encoded the
+        same image at the same time may differ in the last float16 bit (batch composition), and every
+        later reader must see one value, the same for all."""
         table: dict[str, np.ndarray] = {}
         for shard in self._shards():
             tensors = load_tensors(self.fs.cat_file(shard))
-            keys = [bytes(k).hex() for k in tensors["keys"]]
-            table.update(zip(keys, tensors["features"]))
+            for key, features in zip(tensors["keys"], tensors["features"]):
+                table.setdefault(bytes(key).hex(), features)
         return table
 
     def add(self, keys: list[str], features: np.ndarray) -> None:
@@ -76,7 +81,7 @@ class FeatureCache:
                              "features": np.ascontiguousarray(features, dtype=np.float16)},
                             metadata={"encoder": self.encoder_identity})
         self.fs.makedirs(self.dir, exist_ok=True)
-        atomic_write_bytes(self.fs, f"{self.dir}/shard-{uuid.uuid4().hex}.safetensors", blob)
+        atomic_write_bytes(self.fs, f"{self.dir}/{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.safetensors", blob)
 
 
 class EncodeBatch:
@@ -138,7 +143,7 @@ def extract_features(parts: list[LabelledImages], stack: ModelStack, cache: Feat
                 new_features.append(batch["features"][i])
     if new_keys:
         cache.add(new_keys, np.stack(new_features))
-        stored.update(zip(new_keys, new_features))
+        stored = cache.load_all()  # not our own values: another run may have stored some of these keys first
     tables = []
     for part in collected:
         if part["skipped"]:

@@ -11,6 +11,7 @@ from collections import Counter
 import fsspec
 import numpy as np
 import pytest
+from safetensors.numpy import save as save_tensors
 from PIL import Image
 
 from cil_platform.features import FeatureCache, FeatureTable
@@ -88,7 +89,23 @@ def test_local_add_leaves_only_the_shard(tmp_path):
     cache = FeatureCache(str(tmp_path / "c"), "enc-a")
     cache.add([key(0)], np.ones((1, 1, 1)))
     files = os.listdir(cache.dir)
-    assert len(files) == 1 and files[0].startswith("shard-") and files[0].endswith(".safetensors")
+    assert len(files) == 1 and files[0].endswith(".safetensors") and not files[0].startswith(".")
+
+
+def test_the_oldest_value_of_a_key_wins_for_every_reader(url):
+    """Two runs that encoded the same image at once may store values one float16 step apart: every
+    reader must see the first one stored, whatever order the listing returns."""
+    cache = FeatureCache(url, "enc-a")
+    cache.fs.makedirs(cache.dir, exist_ok=True)
+    legacy = save_tensors({"keys": np.frombuffer(bytes.fromhex(key(2)), np.uint8)[None],
+                           "features": np.full((1, 2, 2), 7, np.float16)})
+    cache.fs.pipe_file(f"{cache.dir}/shard-ffff.safetensors", legacy)  # named before shards carried a time
+    cache.add([key(0), key(2)], np.ones((2, 2, 2)))
+    cache.add([key(0), key(1)], np.full((2, 2, 2), 2.0))
+    loaded = FeatureCache(url, "enc-a").load_all()
+    np.testing.assert_array_equal(loaded[key(0)], np.ones((2, 2), np.float16))
+    np.testing.assert_array_equal(loaded[key(1)], np.full((2, 2), 2, np.float16))
+    np.testing.assert_array_equal(loaded[key(2)], np.full((2, 2), 7, np.float16))
 
 
 def test_each_encoder_identity_has_its_own_directory(url):
