@@ -6,13 +6,16 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install align benchmark clean
+.PHONY: demo test test-slow install align benchmark clean
 
 demo: $(VENV)/.installed
 	$(PY) jobs/incremental.py $(ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+test-slow: $(VENV)/.installed  # the scale-out runs (kills, two nodes, S3 end to end, few-shot): tens of minutes
+	$(PY) -m pytest -q -m slow $(ARGS)
 
 install: $(VENV)/.installed
 

@@ -29,7 +29,7 @@ from cil_platform.store import ProjectionStore
 from cil_platform.training import train_task
 from gmm_model import create_encoder
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # `make test-slow`: minutes of multi-process runs each
 
 # Ray Train (V2) writes this file under <storage>/<run name>/ once the controller has registered a
 # checkpoint; from then on a restarted worker group is handed that checkpoint.

@@ -24,7 +24,7 @@ from tests.ray_cluster import local_cluster
 REPO = Path(__file__).resolve().parents[1]
 WEIGHT_TOLERANCE = 1e-6
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # `make test-slow`: minutes of multi-process runs each
 
 # 2 tasks of 2 QuickDraw classes, 8 training / 4 test drawings each; no baselines (not what this test is about)
 OVERRIDES = ["name=two-nodes", "seed=7", "dataset.train_per_class=8", "dataset.test_per_class=4",

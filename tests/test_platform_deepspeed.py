@@ -184,6 +184,7 @@ def fail_once_after_first_checkpoint(config: dict, marker: str) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_zero2_checkpoint_restores_after_a_worker_failure(task, ddp_and_zero0, tmp_path):
     """ZeRO-2 shards the optimizer state over the ranks: each writes its shard into the Ray Train checkpoint.
     Resumed from it, the run ends where the uninterrupted ZeRO-0 run ends."""

@@ -18,7 +18,7 @@ from cil_platform.store import ProjectionStore
 from gmm_model import ModelStack
 from tests.test_datasets import png_bytes
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # `make test-slow`: minutes of multi-process runs each
 
 TRAIN, TEST = 12, 6  # drawings per class
 
