@@ -28,6 +28,7 @@ from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from gmm_model import ModelStack, create_gmm
+from gmm_model.llm import prepare_llm
 
 from .deepspeed_config import deepspeed_settings, low_precision
 from .features import FeatureTable
@@ -137,6 +138,7 @@ def train_task(task_index: int, features: FeatureTable, projection: bytes | None
     if len(features) == 0:
         raise ValueError(f"task {task_index} has no training images")
     start = time.perf_counter()
+    prepare_llm(stack.llm, cache_dir)  # here, once: workers of rank > 0 cannot publish a de-quantised copy
     workers = min(train_cfg.num_workers, len(features))
     steps_per_epoch = math.ceil((len(features) // workers) / train_cfg.batch_size)
     ds_settings = (deepspeed_settings(train_cfg.deepspeed_config, train_cfg.use_gpu, train_cfg.batch_size, workers)

@@ -100,18 +100,26 @@ def prepare_llm(spec: str, cache_dir: str | Path) -> LLMSource:
     if source.gguf_file is None:
         return source
     target = _dequantised_cache_dir(source, cache_dir)
-    if not (target / "config.json").is_file():
-        model, tokenizer = _from_pretrained(source, torch.float32)
-        model.hf_quantizer = None
-        model.config.quantization_config = None
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        try:
-            os.rename(staging, target)  # atomic: a reader sees no directory or a complete one
-        except OSError:  # another process won the race; its copy is identical
-            shutil.rmtree(staging, ignore_errors=True)
+    if (target / "config.json").is_file():
+        return LLMSource(str(target))
+    model, tokenizer = _from_pretrained(source, torch.float32)
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if not (staging / "config.json").is_file():
+        # transformers writes model files on global rank 0 only once torch.distributed is initialised (e.g. in
+        # a Ray Train worker of rank > 0): publish nothing, load the GGUF itself this time
+        shutil.rmtree(staging, ignore_errors=True)
+        return source
+    if target.is_dir():  # an incomplete copy (written by a rank > 0 before this check existed): replace it
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.rename(staging, target)  # atomic: a reader sees no directory or a complete one
+    except OSError:  # another process won the race; its copy is identical
+        shutil.rmtree(staging, ignore_errors=True)
     return LLMSource(str(target))
 
 

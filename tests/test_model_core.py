@@ -309,3 +309,25 @@ def test_encoder_rejects_non_rgb(encoder):
         encoder.encode([np.zeros((28, 28), dtype=np.uint8)])
     with pytest.raises(ValueError, match="HxWx3"):
         encoder.encode([np.zeros((28, 28, 4), dtype=np.uint8)])
+
+
+def test_prepare_llm_never_publishes_an_incomplete_copy(tmp_path, monkeypatch):
+    """transformers writes model files on rank 0 only once torch.distributed is up: a Ray Train worker of
+    rank > 0 must not publish its (tokenizer-only) copy, and such a copy left behind is replaced."""
+    from transformers import PreTrainedModel
+
+    from gmm_model.llm import _dequantised_cache_dir, prepare_llm
+
+    spec = ModelStack().llm
+    target = _dequantised_cache_dir(resolve_llm_source(spec), tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(PreTrainedModel, "should_save_on_this_rank", lambda self, is_main_process: False)
+        source = prepare_llm(spec, tmp_path)
+    assert source.gguf_file is not None  # this process loads the GGUF itself
+    assert not target.exists() and not list(target.parent.glob(".staging-*"))
+
+    target.mkdir(parents=True)  # what a rank > 0 published before the check existed
+    (target / "tokenizer.json").write_text("{}")
+    source = prepare_llm(spec, tmp_path)
+    assert source.location == str(target) and (target / "config.json").is_file()
+    assert list(target.glob("*.safetensors"))
