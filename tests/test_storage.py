@@ -92,7 +92,8 @@ def test_feature_cache_round_trip_on_s3(s3_bucket):
         np.testing.assert_array_equal(loaded[key], row.astype(np.float16))
     assert FeatureCache(url, "encoder-b", s3_bucket.options).load_all() == {}  # another encoder: a miss
     objects = s3_bucket.keys("features")
-    assert len(objects) == 2 and all(o.startswith(cache.dir.rsplit("/", 1)[-1] + "/shard-") for o in objects)
+    assert len(objects) == 2 and all(o.startswith(cache.dir.rsplit("/", 1)[-1] + "/") for o in objects)
+    assert [o.rsplit("/", 1)[-1] for o in objects] == [p.rsplit("/", 1)[-1] for p in cache._shards()]  # oldest first
     assert all(o.endswith(".safetensors") for o in objects)  # a single PUT each: no temp objects left
 
 
