@@ -313,11 +313,17 @@ def test_encoder_rejects_non_rgb(encoder):
 
 def test_prepare_llm_never_publishes_an_incomplete_copy(tmp_path, monkeypatch):
     """transformers writes model files on rank 0 only once torch.distributed is up: a Ray Train worker of
-    rank > 0 must not publish its (tokenizer-only) copy, and such a copy left behind is replaced."""
-    from transformers import PreTrainedModel
+    rank > 0 must not publish its (tokenizer-only) copy, and such a copy left behind is replaced.
+    (What is de-quantised is a 1-layer Llama here: the publishing logic is under test, not the GGUF reader.)"""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+    from gmm_model import llm
     from gmm_model.llm import _dequantised_cache_dir, prepare_llm
 
+    tokenizer = AutoTokenizer.from_pretrained(prepare_llm(ModelStack().llm, CACHE_DIR).location)
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    monkeypatch.setattr(llm, "_from_pretrained", lambda source, dtype, bnb=None: (tiny, tokenizer))
     spec = ModelStack().llm
     target = _dequantised_cache_dir(resolve_llm_source(spec), tmp_path)
     with monkeypatch.context() as patch:
@@ -331,3 +337,4 @@ def test_prepare_llm_never_publishes_an_incomplete_copy(tmp_path, monkeypatch):
     source = prepare_llm(spec, tmp_path)
     assert source.location == str(target) and (target / "config.json").is_file()
     assert list(target.glob("*.safetensors"))
+    assert LlamaForCausalLM.from_pretrained(target).config.hidden_size == 16  # the copy that was published

@@ -1,9 +1,17 @@
-"""End to end: the real pipeline (QuickDraw, EfficientNet-Lite0, SmolLM2, Ray Train) on a few classes."""
+"""End to end: the real pipeline (QuickDraw, EfficientNet-Lite0, SmolLM2, Ray Train) on a few classes.
+
+One incremental run of two tasks serves every test of the first part (a run is the expensive part): it announces
+each task's version to a running Ray Serve application, as a production job would, and the tests check its
+results, its store and the service.
+"""
 from __future__ import annotations
 
 import json
-import os
+import socket
+import time
+from pathlib import Path
 
+import httpx
 import pytest
 import ray
 
@@ -29,16 +37,43 @@ def small_config(tmp_path, **overrides) -> ExperimentConfig:
     return ExperimentConfig.model_validate(tree)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fresh_ray():
-    yield
+TOKEN = "job-announce-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def announced_run(tmp_path_factory):
+    """(config, results, service URL) of one run that announced its versions to a running service."""
+    from ray import serve
+
+    from serve.app import start
+
+    tmp_path = tmp_path_factory.mktemp("announced")
     if ray.is_initialized():
+        ray.shutdown()
+    # the service's replicas reserve 1.25 CPUs; the two training workers need whole ones beside them
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("GMM_CIL_SERVE_TOKEN", TOKEN)  # the job announces with it
+            url = start(str(tmp_path / "store"), port=free_port(), token=TOKEN)
+            assert httpx.get(f"{url}/v1/model", headers=AUTH, timeout=30).status_code == 503  # nothing published
+            cfg = small_config(tmp_path, store_url=str(tmp_path / "store"), announce_url=url)
+            yield cfg, run_experiment(cfg), url
+    finally:
+        serve.shutdown()
         ray.shutdown()
 
 
-def test_incremental_run_writes_results_store_and_plot(tmp_path):
-    cfg = small_config(tmp_path)
-    results = run_experiment(cfg)
+def test_incremental_run_writes_results_store_and_plot(announced_run):
+    cfg, results, _ = announced_run
+    run = Path(cfg.output_dir)
 
     gmm = results["methods"]["gmm[pseudo,trie+prior]"]
     assert [len(row) for row in gmm["task_acc"]] == [1, 2]  # a row per task, a column per seen task
@@ -52,9 +87,9 @@ def test_incremental_run_writes_results_store_and_plot(tmp_path):
     # 4 classes x 4 tokens x 1280 x fp32 x (replay mean + std, and the class means the prior is estimated on)
     assert gmm["memory_bytes"] == 4 * 4 * 1280 * 4 * 3
 
-    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    on_disk = json.loads((run / "results.json").read_text())
     assert on_disk["methods"]["ncm"]["overall"] == results["methods"]["ncm"]["overall"]
-    assert (tmp_path / "run" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     store = ProjectionStore(cfg.store_url)
     assert store.versions() == [0, 1]
@@ -62,6 +97,18 @@ def test_incremental_run_writes_results_store_and_plot(tmp_path):
     assert manifest.seen_classes == results["scenario"]["class_order"]
     assert manifest.metrics["accuracy"] == pytest.approx(gmm["overall"][1])
     assert len(weights) > 1280 * 576 * 4
+
+
+def test_the_job_moved_the_running_service_to_each_new_version(announced_run):
+    _, results, url = announced_run
+    deadline, model = time.monotonic() + 120, {}
+    while time.monotonic() < deadline:  # the last announcement may still be rolling out
+        model = httpx.get(f"{url}/v1/model", headers=AUTH, timeout=30).json()
+        if model.get("version") == 1:
+            break
+        time.sleep(1)
+    assert model["version"] == 1 and model["task"] == 1
+    assert model["seen_classes"] == results["scenario"]["class_order"]
 
 
 def test_a_task_without_training_images_fails_before_touching_the_store(tmp_path):
