@@ -24,8 +24,8 @@ class ClassMeans:
         self.means: dict[str, np.ndarray] = {}
 
     def learn(self, train: FeatureTable, seen: list[str] | None = None) -> None:
-        for name in dict.fromkeys(train.labels):
-            self.means[str(name)] = train.features[train.labels == name].astype(np.float32).mean(0)
+        for name, features in train.by_class():
+            self.means[name] = features.mean(0)
 
     def matrix(self, classes: list[str]) -> np.ndarray:
         """(C, T, D) in the order of `classes`."""

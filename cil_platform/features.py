@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,12 @@ class FeatureTable:
     def subset(self, mask: np.ndarray) -> "FeatureTable":
         """The rows where the boolean `mask` is true."""
         return FeatureTable(self.features[mask], self.labels[mask], self.keys[mask])
+
+    def by_class(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(class name, its rows' features as float32), classes in order of first appearance: what every
+        class statistic (replay Gaussians, the prior's class means) is computed from."""
+        for name in dict.fromkeys(self.labels):
+            yield str(name), self.features[self.labels == name].astype(np.float32)
 
 
 class FeatureCache:

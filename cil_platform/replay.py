@@ -47,9 +47,8 @@ class PseudoFeatureReplay:
         self.stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def update(self, task: FeatureTable) -> None:
-        for name in dict.fromkeys(task.labels):
-            feats = task.features[task.labels == name].astype(np.float32)
-            self.stats[str(name)] = (feats.mean(0), feats.std(0))
+        for name, features in task.by_class():
+            self.stats[name] = (features.mean(0), features.std(0))
 
     def payload(self) -> dict | None:
         if not self.stats:

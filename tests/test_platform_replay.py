@@ -55,6 +55,30 @@ def test_pseudo_stats_are_per_class_per_token_mean_and_std():
     assert memory.nbytes == 3 * 2 * T * D * 4
 
 
+def test_class_means_are_the_pseudo_statistics_means_and_survive_a_state_round_trip():
+    """The prior's class means and the replay Gaussians come from the same per-class statistics."""
+    from cil_platform.evaluation import ClassMeans
+
+    rng = np.random.default_rng(1)
+    interleaved = table({"cat": blob(rng, 3, 0.0), "dog": blob(rng, 2, 5.0)})
+    order = np.array([0, 3, 1, 4, 2])  # classes interleaved: dog's rows are not contiguous
+    interleaved = FeatureTable(interleaved.features[order], interleaved.labels[order], interleaved.keys[order])
+    means, replay = ClassMeans(), PseudoFeatureReplay()
+    means.learn(interleaved)
+    replay.update(interleaved)
+    assert list(means.means) == list(replay.stats) == ["cat", "dog"]
+    for name in ("cat", "dog"):
+        np.testing.assert_array_equal(means.means[name], replay.stats[name][0])
+        rows = interleaved.features[interleaved.labels == name].astype(np.float32)
+        np.testing.assert_allclose(means.means[name], rows.mean(0), rtol=1e-6)
+    assert means.matrix(["dog", "cat"]).shape == (2, T, D)
+    np.testing.assert_array_equal(means.matrix(["dog", "cat"])[0], means.means["dog"])
+    restored = ClassMeans()
+    restored.load_state_dict(means.state_dict())
+    np.testing.assert_array_equal(restored.matrix(["cat", "dog"]), means.matrix(["cat", "dog"]))
+    assert restored.memory_bytes == means.memory_bytes == 2 * T * D * 4
+
+
 def test_empty_memories_have_no_payload_and_no_bytes():
     for memory in (NoReplay(), PseudoFeatureReplay(), ExemplarMemory(10)):
         assert memory.payload() is None
