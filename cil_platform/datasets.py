@@ -91,17 +91,13 @@ class DatasetSplits:
 
 def load_dataset(config: DatasetConfig, classes: Sequence[str] | None = None) -> DatasetSplits:
     """Both splits of the configured source; `classes` (if given) keeps only rows of those classes."""
-    if config.kind == "quickdraw":
-        return _load_quickdraw(config, classes)
-    if config.kind == "folder":
-        return _load_folder(config, classes)
-    if config.kind == "parquet":
-        from .parquet import load_parquet  # imported here: parquet builds on this module's helpers
+    # imported here: parquet and the benchmark layouts build on this module's helpers
+    from .layouts import load_cifar100, load_imagenet_r, load_tiny_imagenet
+    from .parquet import load_parquet
 
-        return load_parquet(config, classes)
-    from .layouts import load_layout  # imported here: layouts builds on this module's helpers
-
-    return load_layout(config, classes)
+    loaders = {"quickdraw": _load_quickdraw, "folder": _load_folder, "parquet": load_parquet,
+               "imagenet_r": load_imagenet_r, "cifar100": load_cifar100, "tiny_imagenet": load_tiny_imagenet}
+    return loaders[config.kind](config, classes)
 
 
 def dataset_class_names(config: DatasetConfig) -> list[str]:

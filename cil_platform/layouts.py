@@ -31,17 +31,6 @@ TINY_IMAGENET_DIR = "tiny-imagenet-200"
 CIFAR_SIDE = 32
 
 
-def load_layout(config: DatasetConfig, classes: Sequence[str] | None) -> DatasetSplits:
-    """Both splits of the configured benchmark layout (`config.kind`)."""
-    if config.kind == "imagenet_r":
-        return load_imagenet_r(config, classes)
-    if config.kind == "cifar100":
-        return load_cifar100(config, classes)
-    if config.kind == "tiny_imagenet":
-        return load_tiny_imagenet(config, classes)
-    raise ValueError(f"dataset kind {config.kind!r} is not a benchmark layout")
-
-
 def _layout_root(config: DatasetConfig, folder: str):
     """(fs, root): the configured path, or its sub-folder `folder` when the path is the folder above it."""
     fs, root = _folder_root(config)
