@@ -6,9 +6,9 @@ import pytest
 from cil_platform.config import ExperimentConfig
 from cil_platform.experiment import run_experiment
 from cil_platform.store import ProjectionStore
-from tests.test_pipeline_e2e import fresh_ray  # noqa: F401  (shuts Ray down after the module)
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # `make test-slow`: minutes of multi-process runs each
+pytestmark = [pytest.mark.e2e, pytest.mark.slow,  # `make test-slow`: minutes of multi-process runs each
+              pytest.mark.usefixtures("ray_shut_down_after")]
 
 FEATURE_BYTES = 4 * 1280 * 2  # one image's cached features: 4 tokens x 1280 x fp16
 

@@ -8,7 +8,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from cil_platform.alignment import default_aligned_path, read_aligned
 from cil_platform.config import ExperimentConfig
@@ -18,16 +17,10 @@ from cil_platform.store import ProjectionStore
 from gmm_model import ModelStack
 from tests.test_datasets import png_bytes
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # `make test-slow`: minutes of multi-process runs each
+pytestmark = [pytest.mark.e2e, pytest.mark.slow,  # `make test-slow`: minutes of multi-process runs each
+              pytest.mark.usefixtures("ray_shut_down_after")]
 
 TRAIN, TEST = 12, 6  # drawings per class
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fresh_ray():
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 def quickdraw_classes(count: int) -> list[str]:
