@@ -18,7 +18,8 @@ from cil_platform.datasets import DatasetConfig, dataset_class_names, load_datas
 from cil_platform.deepspeed_config import deepspeed_config_path, deepspeed_settings, low_precision
 from cil_platform.experiment import init_ray
 from cil_platform.features import FeatureTable
-from cil_platform.training import train_task, train_task_loop
+from cil_platform.train_worker import train_task_loop
+from cil_platform.training import train_task
 from gmm_model import ModelStack, Projection, create_encoder, create_gmm
 
 # Same seed, same shards, same schedule: ZeRO-0/fp32 DeepSpeed and DDP both average the two workers'
