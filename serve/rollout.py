@@ -31,25 +31,36 @@ def _client():
 
 
 def _details():
+    """The whole instance as Serve's schema. Only for set_served_version, whose callers serialise it (the
+    Watcher's lock): building these schemas is not thread-safe (`ray.serve.config` registers and unregisters
+    the autoscaling policy's module with cloudpickle, process-wide), and a status read racing with it failed
+    with "... is not registered for pickle by value"."""
     from ray.serve.schema import ServeInstanceDetails
 
     return ServeInstanceDetails(**_client().get_serve_details())
 
 
+def _application(app_name: str) -> dict | None:
+    """One application's entry of the controller's plain JSON details (no schema built, so safe from any thread)."""
+    return (_client().get_serve_details().get("applications") or {}).get(app_name)
+
+
 def served_version(app_name: str) -> int | None:
     """The version named in the Captioner's effective user_config (None: the latest at start-up)."""
-    details = _details()
-    app = details.applications.get(app_name)
+    app = _application(app_name)
     if app is None:
         raise KeyError(f"no Serve application named {app_name!r}")
-    deployment = app.deployments.get(VERSIONED_DEPLOYMENTS[0])
-    config = (deployment.deployment_config.user_config if deployment else None) or {}
+    deployment = (app.get("deployments") or {}).get(VERSIONED_DEPLOYMENTS[0]) or {}
+    config = (deployment.get("deployment_config") or {}).get("user_config") or {}
     return config.get("version")
 
 
 def app_status(app_name: str) -> str:
-    app = _details().applications.get(app_name)
-    return "NOT_FOUND" if app is None else str(app.status.value if hasattr(app.status, "value") else app.status)
+    app = _application(app_name)
+    if app is None:
+        return "NOT_FOUND"
+    status = app.get("status")  # an ApplicationStatus (a str enum) in the controller's dict
+    return str(getattr(status, "value", status))
 
 
 def set_served_version(app_name: str, version: int) -> None:

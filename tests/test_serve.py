@@ -330,6 +330,37 @@ def captioner_replicas() -> set[str]:
     return {r.replica_id for r in serve_details().deployments["Captioner"].replicas}
 
 
+def test_status_reads_are_safe_beside_a_schema_build_in_another_thread(server):
+    """The Watcher reads the app's status in one thread while another builds Serve's schemas to apply a version;
+    Ray's schema construction is not thread-safe, so the reads must not build schemas (an announce once got a
+    500: "... is not registered for pickle by value")."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve import rollout
+
+    stop = threading.Event()
+
+    def build_schemas() -> int:
+        count = 0
+        while not stop.is_set():
+            serve_details()  # what set_served_version does before it deploys
+            count += 1
+        return count
+
+    def read_status() -> int:
+        try:
+            for _ in range(150):
+                assert rollout.app_status("gmm-cil") == "RUNNING"
+                rollout.served_version("gmm-cil")
+            return 150
+        finally:
+            stop.set()
+
+    with ThreadPoolExecutor(2) as pool:
+        builds, reads = pool.submit(build_schemas), pool.submit(read_status)
+        assert reads.result(timeout=300) == 150 and builds.result(timeout=300) > 0
+
+
 def test_swap_under_load_by_announcement(server, reference):
     from serve.client import announce
 
