@@ -9,17 +9,26 @@ any other stack's is built on first use into the cache.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
-from gmm_model import ModelStack
+from gmm_model.spec import ModelStack
 
-from .fsio import atomic_write_bytes
+from .config import ExperimentConfig
+from .features import features_for
+from .paths import ASSETS_DIR
+from .storage.atomic import atomic_write_bytes
+from .training.fit import FitSpec, fit_projection
 
-SHIPPED_DIR = Path(__file__).resolve().parents[1] / "assets" / "aligned"
+log = logging.getLogger(__name__)
+
+SHIPPED_DIR = ASSETS_DIR / "aligned"
 
 
 @dataclass
@@ -40,9 +49,6 @@ def alignment_classes(class_names: list[str], count: int, seed: int, reserved: s
 
 def read_aligned(url: str) -> AlignedProjection:
     """An aligned projection file; a truncated or foreign file is refused with a clear error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     with fsspec.open(url, "rb") as handle:
         blob = handle.read()
     try:
@@ -55,8 +61,6 @@ def read_aligned(url: str) -> AlignedProjection:
 
 def write_aligned(url: str, weights: bytes, classes: list[str], stack: ModelStack, source: str) -> None:
     """Re-serialise the weights with metadata (classes, stack, data source) and write atomically."""
-    from safetensors.torch import load, save
-
     blob = save(load(weights), metadata={"classes": json.dumps(classes), "stack": stack.model_dump_json(),
                                          "source": source})
     fs, path = fsspec.core.url_to_fs(url)
@@ -68,3 +72,34 @@ def default_aligned_path(stack: ModelStack, cache_dir: str) -> tuple[Path, Path]
     """(shipped path, cache path) where a stack's aligned projection is looked up."""
     name = f"{stack.fingerprint}.safetensors"
     return SHIPPED_DIR / name, Path(cache_dir) / "aligned" / name
+
+
+def resolve_alignment(cfg: ExperimentConfig, class_names: list[str], visual_width: int,
+                      encoder_identity: str) -> AlignedProjection | None:
+    """The configured, shipped or cached aligned projection; built (one Ray Train fit) when absent."""
+    if not cfg.alignment.enabled:
+        return None
+    if cfg.alignment.projection:
+        return read_aligned(cfg.alignment.projection)
+    shipped, cached = default_aligned_path(cfg.stack, cfg.cache_dir)
+    for path in (shipped, cached):
+        if path.is_file():
+            return read_aligned(str(path))
+    log.warning("no aligned projection for stack %s; building it (stage 1)", cfg.stack.fingerprint)
+    aligned = align_projection(cfg, class_names, visual_width, encoder_identity)
+    write_aligned(str(cached), aligned.weights, aligned.classes, cfg.stack, "built on first use")
+    return read_aligned(str(cached))
+
+
+def align_projection(cfg: ExperimentConfig, class_names: list[str], visual_width: int,
+                     encoder_identity: str) -> AlignedProjection:
+    """Stage 1: train a fresh projection on `alignment.num_classes` seeded classes outside the scenario's."""
+    align = cfg.alignment
+    classes = alignment_classes(class_names, align.num_classes, align.class_seed,
+                                reserved=set(cfg.scenario.class_order or []))
+    train, _ = features_for(cfg, encoder_identity, classes, train_per_class=align.train_per_class, test_per_class=1)
+    result = fit_projection(FitSpec(
+        name="alignment", features=train, start=None, stack=cfg.stack, visual_width=visual_width,
+        cache_dir=cfg.cache_dir, train=cfg.train.model_copy(update={"epochs": align.epochs, "lr": align.lr}),
+        storage_url=cfg.train_storage_url, seed=cfg.seed, storage_options=cfg.storage.options))
+    return AlignedProjection(result.projection, classes, "stage-1")

@@ -1,7 +1,7 @@
 """Discriminative baselines on the same frozen features, split and class order as GMM.
 
 - ncm: SimpleCIL — nearest class mean (cosine) of the frozen features; no training, no forgetting
-  of prototypes.
+  of prototypes. The prototypes are the run's class statistics (class_stats.py), shared with the fusion.
 - linear_sequential: a linear head trained on each task's data only (shows forgetting).
 - joint: a linear head retrained on all seen classes' data at every task (the upper bound).
 Features are the encoder tokens averaged into one vector (the encoder's global embedding).
@@ -13,42 +13,38 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .class_stats import ClassStatistics, pooled_unit
 from .features import FeatureTable
 
 
 def embed(table: FeatureTable) -> torch.Tensor:
-    return F.normalize(torch.from_numpy(table.features.astype(np.float32)).mean(1), dim=1)
+    return pooled_unit(table.features)
 
 
 class NearestClassMean:
+    """Reads the prototypes of the class statistics, which the experiment learns every task; holds nothing itself."""
+
     name = "ncm"
 
-    def __init__(self, seed: int = 0):
-        self.prototypes: dict[str, torch.Tensor] = {}
+    def __init__(self, stats: ClassStatistics):
+        self.stats = stats
 
     def learn(self, train: FeatureTable, seen: list[str]) -> None:
-        x = embed(train)
-        for name in dict.fromkeys(train.labels):
-            self.prototypes[str(name)] = F.normalize(x[torch.from_numpy(train.labels == name)].mean(0), dim=0)
-
-    def matrix(self, classes: list[str]) -> np.ndarray:
-        """(C, D) unit-norm prototypes of `classes`, in that order."""
-        return torch.stack([self.prototypes[c] for c in classes]).numpy()
+        pass
 
     def predict(self, test: FeatureTable, seen: list[str]) -> list[str]:
-        scores = embed(test) @ torch.from_numpy(self.matrix(seen)).T
+        scores = embed(test) @ torch.from_numpy(self.stats.matrix("prototype", seen)).T
         return [seen[i] for i in scores.argmax(1).tolist()]
 
     @property
     def memory_bytes(self) -> int:
-        return sum(p.numel() * 4 for p in self.prototypes.values())
+        return self.stats.nbytes(["prototype"])
 
     def state_dict(self) -> dict:
-        return {"classes": list(self.prototypes), "prototypes": [p.numpy() for p in self.prototypes.values()]}
+        return {}
 
     def load_state_dict(self, state: dict) -> None:
-        self.prototypes = {name: torch.from_numpy(np.array(p))  # a writable copy of the loaded array
-                           for name, p in zip(state["classes"], state["prototypes"])}
+        pass
 
 
 class LinearHead:
@@ -108,9 +104,9 @@ class LinearHead:
                                        np.asarray(t["keys"], dtype=object)) for t in state["seen_data"]]
 
 
-def make_baseline(name: str, seed: int = 0):
+def make_baseline(name: str, stats: ClassStatistics, seed: int = 0):
     if name == "ncm":
-        return NearestClassMean(seed)
+        return NearestClassMean(stats)
     if name in ("linear_sequential", "joint"):
         return LinearHead(joint=name == "joint", seed=seed)
     raise ValueError(f"unknown baseline {name!r}; use ncm, linear_sequential or joint")

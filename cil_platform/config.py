@@ -1,6 +1,8 @@
 """Experiment configuration: one validated pydantic tree, loaded from YAML plus `a.b=value` overrides."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -8,53 +10,27 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gmm_model import PRESETS, ModelStack
+from gmm_model.spec import ModelStack, resolve_stack
 
-from .datasets import DatasetConfig
-from .scenario import build_scenario
+from gmm_model.rules import Rule
+
+from .data import DatasetConfig
+from .paths import CONFIGS_DIR
+from .scenario import ScenarioConfig
 from .storage import StorageConfig, join_url
+from .storage.run_state import TRAIN_DIR
+from .training.config import TrainConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+DEFAULT_CONFIG = CONFIGS_DIR / "demo.yaml"
 # fields that may hold credentials: left out wherever a config is written down (model_dump(exclude=...))
 CREDENTIAL_FIELDS = {"storage": {"options"}, "dataset": {"storage_options"}}
+# Where a run executes, not what it computes: these may change between a run and its resumption (the
+# store may move too: a resumed run checks the sha256 of the projection it continues from).
+NOT_HASHED = ("ray_address", "cache_dir", "output_dir", "store_url", "storage")
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class ScenarioConfig(Strict):
-    """How the classes are cut into tasks (cil_platform/scenario.py build_scenario).
-
-    class_incremental: B{initial}-Inc{increment}, every training image of each class.
-    few_shot: a base session of `base_classes` classes with all their training images, then sessions of
-    `ways` new classes with `shots` training images each (seeded choice, docs/few_shot.md).
-    """
-
-    kind: Literal["class_incremental", "few_shot"] = "class_incremental"
-    num_classes: int | None = Field(100, ge=1)
-    initial: int = Field(0, ge=0, description="classes in the first task; 0 = same as increment")
-    increment: int = Field(10, ge=1)
-    base_classes: int | None = Field(None, ge=1, description="few_shot: classes of the base session")
-    ways: int | None = Field(None, ge=1, description="few_shot: new classes per incremental session")
-    shots: int | None = Field(None, ge=1, description="few_shot: training images per new class")
-    order_seed: int | None = 0
-    class_order: list[str] | None = None
-
-    @model_validator(mode="after")
-    def _cuts(self):
-        few_shot = {"base_classes", "ways", "shots"}
-        if self.kind == "few_shot":
-            if missing := sorted(name for name in few_shot if getattr(self, name) is None):
-                raise ValueError(f"scenario kind few_shot needs {', '.join(missing)}")
-            if given := sorted({"initial", "increment"} & self.model_fields_set):
-                raise ValueError(f"scenario kind few_shot is cut by base_classes and ways, not {', '.join(given)}")
-        elif given := sorted(name for name in few_shot if getattr(self, name) is not None):
-            raise ValueError(f"{', '.join(given)} only apply to scenario kind few_shot (kind: {self.kind})")
-        if self.num_classes is not None and self.class_order is None:
-            build_scenario(self, [str(i) for i in range(self.num_classes)])  # the cuts must add up: fail before loading
-        return self
 
 
 class AlignmentConfig(Strict):
@@ -67,36 +43,6 @@ class AlignmentConfig(Strict):
     class_seed: int = 12345
     epochs: int = Field(1, ge=1)
     lr: float = Field(2e-3, gt=0)
-
-
-class TrainConfig(Strict):
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(16, ge=1, description="new-task images per worker step")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_fraction: float = Field(0.1, ge=0, lt=1)
-    num_workers: int = Field(2, ge=1)
-    threads_per_worker: int = Field(1, ge=1)
-    use_gpu: bool = Field(False, description="one GPU per worker; the frozen LLM and the projection move to it")
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="Ray placement of the workers: PACK fills a node first (Ray's default), SPREAD "
-                            "puts them on different nodes where it can")
-    backend: Literal["ddp", "deepspeed"] = Field("ddp", description="how workers wrap, step and checkpoint "
-                                                                    "the projection: torch DDP or DeepSpeed")
-    deepspeed_config: str | None = Field(None, description="DeepSpeed JSON (ZeRO stage, precision); default "
-                                                           "configs/deepspeed/zero2-bf16-gpu.json with use_gpu, "
-                                                           "else configs/deepspeed/zero0-fp32-cpu.json")
-
-    @model_validator(mode="after")
-    def _deepspeed(self):
-        """Refuse a DeepSpeed JSON that cannot run with these settings now, not in a worker later."""
-        if self.backend == "deepspeed":
-            from .deepspeed_config import deepspeed_settings
-
-            deepspeed_settings(self.deepspeed_config, self.use_gpu, self.batch_size, self.num_workers)
-        elif self.deepspeed_config is not None:
-            raise ValueError("train.deepspeed_config is set but train.backend is 'ddp'; set train.backend=deepspeed")
-        return self
 
 
 class ReplayConfig(Strict):
@@ -115,6 +61,19 @@ class EvalConfig(Strict):
                                                      "estimated on the seen classes' mean features")
     batch_size: int = Field(64, ge=1)
     actors: int = Field(2, ge=1)
+
+    @property
+    def rules(self) -> list[Rule]:
+        """The GMM rules every task reports: the decoding rule, and its fusion with the prototypes (trie only)."""
+        base = Rule.of(self.decode, prior=self.prior_correction and self.decode == "trie")
+        if self.fuse_prototypes and base.trie:
+            return [base, Rule.of("trie", prior=base.prior, prototypes=True)]
+        return [base]
+
+    @property
+    def served_rule(self) -> Rule:
+        """The rule a store version records and the service answers with: the most complete one measured."""
+        return self.rules[-1]
 
 
 class ExperimentConfig(Strict):
@@ -135,22 +94,12 @@ class ExperimentConfig(Strict):
                                    description="where the run's store, checkpoints and feature cache live, and "
                                                "the fsspec options for all of them (docs/storage.md)")
     ray_address: str | None = None
-    announce_url: str | None = Field(None, description="a running serve/ app to tell of every new version "
-                                                       "(bearer token from $GMM_CIL_SERVE_TOKEN)")
 
     @field_validator("model", mode="before")
     @classmethod
     def _preset(cls, value):
-        """A preset name, or a mapping with `preset:` plus fields that override it."""
-        if isinstance(value, str):
-            value = {"preset": value}
-        if isinstance(value, dict) and "preset" in value:
-            value = dict(value)
-            name = value.pop("preset")
-            if name not in PRESETS:
-                raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
-            return ModelStack.model_validate({**PRESETS[name].model_dump(), **value})
-        return value
+        """A preset name, a mapping with `preset:` plus fields that override it, or the stack's fields."""
+        return resolve_stack(value) if isinstance(value, (str, dict, ModelStack)) else value
 
     @model_validator(mode="after")
     def _paths(self):
@@ -172,6 +121,20 @@ class ExperimentConfig(Strict):
     def features_url(self) -> str:
         """The feature cache, shared by runs (keyed by encoder identity): <storage.url>/features, or the cache_dir."""
         return join_url(self.storage.url, "features") if self.storage.url else str(Path(self.cache_dir) / "features")
+
+    @property
+    def config_hash(self) -> str:
+        """What the run computes, hashed: a run state or checkpoint of another hash is another run's."""
+        tree = self.model_dump(mode="json", exclude=CREDENTIAL_FIELDS)  # credentials and endpoints: where, too
+        for key in NOT_HASHED:
+            tree.pop(key, None)
+        return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def train_storage_url(self) -> str:
+        """Where Ray Train keeps this config's fits (alignment and tasks): `<run_url>/ray_train/<config hash>`.
+        Ray Train restores a fit from the newest checkpoint under its storage path and run name, so configs never share one."""
+        return join_url(self.run_url, TRAIN_DIR, self.config_hash[:16])
 
     @property
     def stack(self) -> ModelStack:

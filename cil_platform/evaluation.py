@@ -1,53 +1,37 @@
-"""Evaluation after each task: every seen class's test images, generate -> match (or trie) -> accuracy.
+"""Evaluation after each task: every seen class's test features through `gmm_model.classify`, once per rule.
 
-A small pool of long-lived Ray actors holds the frozen LLM (and matcher) for the whole experiment;
-each task only ships the new projection to them. They reserve no CPU so they never block the
-training workers they alternate with; each uses the threads it is given.
+A small pool of long-lived Ray actors holds the frozen LLM (and matcher) for the whole experiment; each task only
+ships the new projection to them. They reserve no CPU so they never block the training workers they alternate
+with; each uses the threads it is given. The statistics a rule needs (the first-token prior, estimated here with
+the new projection; the prototypes) come back with the labels, so the store publishes exactly what was measured.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import ray
 import torch
 
-from gmm_model import ModelStack, create_gmm, create_matcher
-from gmm_model.predict import first_token_prior, fuse_with_prototypes, predict
+from gmm_model import create_gmm, create_matcher
+from gmm_model.classify import ClassifierStats, Rule, classify_rules, first_token_prior
+from gmm_model.spec import ModelStack
 
 from .features import FeatureTable
 
 
-class ClassMeans:
-    """Each seen class's mean features (T, D): class statistics, not exemplars. The evaluators estimate
-    the first-token prior on them (gmm_model.predict.first_token_prior)."""
-
-    def __init__(self) -> None:
-        self.means: dict[str, np.ndarray] = {}
-
-    def learn(self, train: FeatureTable, seen: list[str] | None = None) -> None:
-        for name, features in train.by_class():
-            self.means[name] = features.mean(0)
-
-    def matrix(self, classes: list[str]) -> np.ndarray:
-        """(C, T, D) in the order of `classes`."""
-        return np.stack([self.means[c] for c in classes])
-
-    @property
-    def memory_bytes(self) -> int:
-        return sum(m.nbytes for m in self.means.values())
-
-    def state_dict(self) -> dict:
-        return {"classes": list(self.means), "means": list(self.means.values())}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.means = {name: np.array(m) for name, m in zip(state["classes"], state["means"])}
+@dataclass
+class Evaluation:
+    labels: dict[Rule, list[str]]  # per rule, one predicted class name per test image
+    stats: ClassifierStats  # what the rules were given: publish these with the projection
 
 
 class Evaluator:
-    def __init__(self, stack: ModelStack, visual_width: int, cache_dir: str, mode: str, threads: int = 1):
+    def __init__(self, stack: dict, visual_width: int, cache_dir: str, matcher: bool, threads: int = 1):
         torch.set_num_threads(threads)
+        stack = ModelStack.model_validate(stack)
         self.gmm = create_gmm(stack, visual_width, cache_dir)
-        self.matcher = create_matcher(stack) if mode == "free" else None
-        self.mode = mode
+        self.matcher = create_matcher(stack) if matcher else None
 
     def set_projection(self, weights: bytes) -> None:
         self.gmm.projection.load_bytes(weights)
@@ -58,27 +42,13 @@ class Evaluator:
         return torch.cat([self.gmm.first_token_log_prob(_batch(features, s, batch_size), trie)
                           for s in range(0, len(features), batch_size)]).numpy()
 
-    def predict(self, features: np.ndarray, class_names: list[str], batch_size: int,
-                prototypes: np.ndarray | None = None, prior: np.ndarray | None = None) -> dict[str, list[str]]:
-        """Labels per decoding rule. free: the paper's rule. trie: constrained decoding ("trie", or
-        "trie+prior" when a first-token prior is given), plus its fusion with class prototypes
-        ("...+ncm") from the same forward pass when prototypes are given."""
-        if self.mode != "trie":
-            return {self.mode: [p.label for s in range(0, len(features), batch_size)
-                                for p in predict(self.gmm, _batch(features, s, batch_size), class_names, self.mode,
-                                                 self.matcher)]}
-        rule = "trie+prior" if prior is not None else "trie"
-        out: dict[str, list[str]] = {rule: [], **({f"{rule}+ncm": []} if prototypes is not None else {})}
-        trie = self.gmm.label_trie(class_names)
-        prior_t = torch.tensor(prior) if prior is not None else None  # copies: object-store arrays are read-only
-        protos = torch.tensor(prototypes) if prototypes is not None else None
+    def predict(self, features: np.ndarray, class_names: list[str], batch_size: int, rules: list[Rule],
+                stats: ClassifierStats) -> dict[Rule, list[str]]:
+        out: dict[Rule, list[str]] = {rule: [] for rule in rules}
         for start in range(0, len(features), batch_size):
-            visual = _batch(features, start, batch_size)
-            decoded = self.gmm.decode_constrained(visual, trie, prior_t)
-            out[rule] += [class_names[i] for i in decoded.classes.tolist()]
-            if protos is not None:
-                generative = decoded.first_token_log_prob - (prior_t if prior_t is not None else 0.0)
-                out[f"{rule}+ncm"] += [class_names[i] for i in fuse_with_prototypes(generative, visual, protos).tolist()]
+            for rule, predictions in classify_rules(self.gmm, _batch(features, start, batch_size), class_names,
+                                                    rules, stats, self.matcher).items():
+                out[rule] += [p.label for p in predictions]
         return out
 
 
@@ -89,10 +59,10 @@ def _batch(features: np.ndarray, start: int, size: int) -> torch.Tensor:
 class EvaluatorPool:
     """`actors` Evaluator actors; a call splits the images evenly among them."""
 
-    def __init__(self, actors: int, stack: ModelStack, visual_width: int, cache_dir: str, mode: str,
+    def __init__(self, actors: int, stack: ModelStack, visual_width: int, cache_dir: str, matcher: bool,
                  batch_size: int):
         remote = ray.remote(num_cpus=0)(Evaluator)
-        self.actors = [remote.remote(stack, visual_width, cache_dir, mode) for _ in range(actors)]
+        self.actors = [remote.remote(stack.model_dump(), visual_width, cache_dir, matcher) for _ in range(actors)]
         self.batch_size = batch_size
 
     def _split(self, method: str, features: np.ndarray, *args) -> list:
@@ -100,18 +70,19 @@ class EvaluatorPool:
         return ray.get([getattr(a, method).remote(features[idx], *args)
                         for a, idx in zip(self.actors, chunks) if len(idx)])
 
-    def predict(self, weights: bytes, test: FeatureTable, class_names: list[str],
-                prototypes: np.ndarray | None = None, class_means: np.ndarray | None = None) -> dict[str, list[str]]:
-        """`class_means` ((C, T, D) mean features of each class, in class order) turn on the first-token
-        prior correction (trie only): the prior is the model's average first-token preference over them."""
+    def evaluate(self, weights: bytes, test: FeatureTable, class_names: list[str], rules: list[Rule],
+                 class_means: np.ndarray | None = None, prototypes: np.ndarray | None = None) -> Evaluation:
+        """Labels of `test` under each rule. `class_means` ((C, T, D), class order) are needed by prior rules:
+        the prior is the model's average first-token preference over them; `prototypes` ((C, D)) by fused rules."""
         ref = ray.put(weights)
         ray.get([a.set_projection.remote(ref) for a in self.actors])
         prior = None
-        if class_means is not None:
+        if any(rule.prior for rule in rules):
             scores = np.concatenate(self._split("first_token_log_prob", class_means, class_names, self.batch_size))
-            prior = first_token_prior(torch.from_numpy(scores)).numpy()
-        parts = self._split("predict", test.features, class_names, self.batch_size, prototypes, prior)
-        return {rule: [label for part in parts for label in part[rule]] for rule in parts[0]}
+            prior = first_token_prior(torch.from_numpy(scores))
+        stats = ClassifierStats(prior, torch.tensor(prototypes) if any(r.prototypes for r in rules) else None)
+        parts = self._split("predict", test.features, class_names, self.batch_size, rules, stats)
+        return Evaluation({rule: [label for part in parts for label in part[rule]] for rule in rules}, stats)
 
     def close(self) -> None:
         for actor in self.actors:

@@ -1,37 +1,48 @@
-"""One class-incremental experiment, top to bottom (the data flow of shared/DESIGN.md).
+"""One class-incremental experiment, top to bottom (the data flow of shared/DESIGN.md): set up, then one step per
+task, then the summary.
 
-classes -> stage-1 aligned projection (disjoint classes) -> scenario -> cached frozen features ->
-for each task: Ray Train fit of the projection (with replay) -> publish to the projection store ->
-evaluate on all seen classes -> update the replay memory and the baselines -> report.
+set_up:   Ray, run state, the stage-1 aligned projection, the scenario (classes disjoint from alignment's),
+          cached frozen features, the class statistics, replay memory, baselines and the evaluator pool.
+run_task: the Ray Train fit of the projection (with replay) -> the class statistics of the new classes ->
+          evaluation on all seen classes under every rule -> ONE publication to the projection store (projection,
+          the statistics its rule needs, its metrics) -> the baselines -> the run state (resumable after this task).
+summary:  metrics of every method, results.json, the plot and the table.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import ray
 
 from gmm_model import create_encoder
+from gmm_model.classify import ClassifierStats
 from gmm_model.llm import prepare_llm
-from gmm_model.vision import VisionEncoder
+from gmm_model.rules import Rule
 
-from .alignment import AlignedProjection, alignment_classes, default_aligned_path, read_aligned, write_aligned
-from .baselines import NearestClassMean, make_baseline
-from .config import CREDENTIAL_FIELDS, REPO_ROOT, ExperimentConfig
-from .datasets import dataset_class_names, load_dataset
-from .evaluation import ClassMeans, EvaluatorPool
-from .features import FeatureCache, FeatureTable, extract_features
+from .alignment import AlignedProjection, resolve_alignment
+from .baselines import make_baseline
+from .class_stats import ClassStatistics, Part
+from .config import CREDENTIAL_FIELDS, ExperimentConfig
+from .data import dataset_class_names
+from .evaluation import EvaluatorPool
+from .features import FeatureTable, features_for
 from .metrics import CLMetrics, evaluate_task
+from .paths import REPO_ROOT
 from .replay import make_memory
 from .report import format_table, write_report
-from .run_state import open_run_state, train_storage
-from .scenario import build_scenario
-from .store import ProjectionStore
-from .training import train_task
+from .scenario import ClassIncremental, Task, build_scenario
+from .storage.run_state import RunState, open_run_state
+from .storage.store import Manifest, ProjectionStore
+from .training.fit import FitResult, FitSpec, fit_projection
 
 log = logging.getLogger(__name__)
+
+OnPublish = Callable[[Manifest], None]  # told of every version as soon as it is in the store (e.g. a serving app)
 
 
 def init_ray(address: str | None) -> None:
@@ -48,174 +59,223 @@ def init_ray(address: str | None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-def features_for(cfg: ExperimentConfig, encoder: VisionEncoder, classes: list[str],
-                 **dataset_overrides) -> tuple[FeatureTable, FeatureTable]:
-    """Cached frozen features of the train and test split of `classes` (computed where missing)."""
-    splits = load_dataset(cfg.dataset.model_copy(update=dataset_overrides), classes=classes)
-    cache = FeatureCache(cfg.features_url, encoder.identity, cfg.storage.options)
-    train, test = extract_features([splits.train, splits.test], cfg.stack, cache, actors=cfg.eval.actors)
-    return train, test
+@dataclass
+class MethodRecord:
+    """One method's results so far: accuracy on each task's classes and on all seen classes, after each task."""
+
+    task_acc: list[list[float]] = field(default_factory=list)
+    overall: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, task_acc: list[float], overall: float, seconds: float) -> None:
+        self.task_acc.append(task_acc)
+        self.overall.append(overall)
+        self.seconds += seconds
 
 
-def resolve_alignment(cfg: ExperimentConfig, class_names: list[str], encoder: VisionEncoder) -> AlignedProjection | None:
-    """The configured, shipped or cached aligned projection; built (one Ray Train fit) when absent."""
-    if not cfg.alignment.enabled:
-        return None
-    if cfg.alignment.projection:
-        return read_aligned(cfg.alignment.projection)
-    shipped, cached = default_aligned_path(cfg.stack, cfg.cache_dir)
-    for path in (shipped, cached):
-        if path.is_file():
-            return read_aligned(str(path))
-    log.warning("no aligned projection for stack %s; building it (stage 1)", cfg.stack.fingerprint)
-    aligned = build_alignment(cfg, class_names, encoder)
-    write_aligned(str(cached), aligned.weights, aligned.classes, cfg.stack, "built on first use")
-    return read_aligned(str(cached))
+@dataclass
+class Throughput:
+    train_images: float = 0.0
+    train_seconds: float = 0.0
+    eval_images: float = 0.0
+    eval_seconds: float = 0.0
 
 
-def build_alignment(cfg: ExperimentConfig, class_names: list[str], encoder: VisionEncoder) -> AlignedProjection:
-    align = cfg.alignment
-    classes = alignment_classes(class_names, align.num_classes, align.class_seed,
-                                reserved=set(cfg.scenario.class_order or []))
-    train, _ = features_for(cfg, encoder, classes, train_per_class=align.train_per_class, test_per_class=1)
-    train_cfg = cfg.train.model_copy(update={"epochs": align.epochs, "lr": align.lr})
-    result = train_task(-1, train, None, None, cfg.stack, encoder.width, cfg.cache_dir, train_cfg, 0.0,
-                        train_storage(cfg), cfg.seed, storage_options=cfg.storage.options)
-    return AlignedProjection(result.projection, classes, "stage-1")
+@dataclass
+class Progress:
+    """What changes from task to task (and what the run state persists besides the components)."""
+
+    projection: bytes | None
+    records: dict[str, MethodRecord]
+    throughput: Throughput = field(default_factory=Throughput)
+    tasks: list[Task] = field(default_factory=list)  # the tasks seen so far, completed or resumed
 
 
-def run_experiment(cfg: ExperimentConfig, fresh: bool = False) -> dict:
-    """Runs, or resumes after its last completed task, the experiment in cfg.output_dir (see run_state);
-    `fresh` discards an earlier run's progress there."""
-    started = time.perf_counter()
+@dataclass
+class Setup:
+    """Everything fixed for the whole experiment."""
+
+    cfg: ExperimentConfig
+    scenario: ClassIncremental
+    aligned: AlignedProjection | None
+    visual_width: int
+    train: FeatureTable
+    test: FeatureTable
+    store: ProjectionStore
+    run: RunState
+    stats: ClassStatistics
+    memory: object  # a replay memory (replay.py)
+    baselines: list
+    evaluators: EvaluatorPool
+    on_publish: OnPublish | None
+
+    @property
+    def rules(self) -> list[Rule]:
+        return self.cfg.eval.rules
+
+    def method_name(self, rule: Rule) -> str:
+        return f"gmm[{self.cfg.replay.mode},{rule.value}]"
+
+    @property
+    def components(self) -> dict:
+        """What the run state persists after each task (numpy arrays and JSON values)."""
+        return {"memory": self.memory, "class_stats": self.stats,
+                **{baseline.name: baseline for baseline in self.baselines}}
+
+    def stats_parts(self, rule: Rule) -> set[Part]:
+        """The class statistics GMM uses with `rule`: the replay's, the prior's means, the fusion's prototypes."""
+        return {*self.memory.stats_parts, *(["mean"] if rule.prior else []), *(["prototype"] if rule.prototypes else [])}
+
+
+def set_up(cfg: ExperimentConfig, fresh: bool, on_publish: OnPublish | None, started: float) -> Setup:
     init_ray(cfg.ray_address)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    run = open_run_state(cfg, fresh)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    run = open_run_state(cfg.run_url, cfg.storage.options, cfg.config_hash, fresh)
     encoder = create_encoder(cfg.stack)  # the driver's copy: its width and identity (the actor pool encodes)
-    visual_width = encoder.width
     all_classes = dataset_class_names(cfg.dataset)
-    aligned = resolve_alignment(cfg, all_classes, encoder)
+    aligned = resolve_alignment(cfg, all_classes, encoder.width, encoder.identity)
     held_out = set(aligned.classes) if aligned else set()
     if cfg.scenario.class_order and held_out & set(cfg.scenario.class_order):
         raise ValueError(f"scenario classes overlap the alignment classes: {sorted(held_out & set(cfg.scenario.class_order))}")
     scenario = build_scenario(cfg.scenario, [c for c in all_classes if c not in held_out], cfg.seed)
-    train, test = features_for(cfg, encoder, scenario.class_order)
+    train, test = features_for(cfg, encoder.identity, scenario.class_order)
     print(f"{scenario.name}: {len(scenario)} tasks, {len(train)} train / {len(test)} test images, "
           f"skipped {dict(train.skipped + test.skipped) or 0}; features ready at {time.perf_counter() - started:.0f}s",
           flush=True)
-
-    store = ProjectionStore(cfg.store_url, cfg.storage.options)
-    memory = make_memory(cfg.replay.mode, cfg.replay.budget, cfg.replay.selection, cfg.seed)
-    baselines = [make_baseline(name, cfg.seed) for name in cfg.baselines]
-    trie = cfg.eval.decode == "trie"
-    prototypes = NearestClassMean() if cfg.eval.fuse_prototypes and trie else None
-    class_means = ClassMeans() if cfg.eval.prior_correction and trie else None
-    rule = "trie+prior" if class_means else cfg.eval.decode
-    gmm_name, fused_name = f"gmm[{cfg.replay.mode},{rule}]", f"gmm[{cfg.replay.mode},{rule}+ncm]"
-    gmm_rules = {gmm_name: rule, **({fused_name: f"{rule}+ncm"} if prototypes else {})}
-    rows = {name: {"task_acc": [], "overall": [], "seconds": 0.0} for name in [*gmm_rules, *cfg.baselines]}
+    stats = ClassStatistics()
     prepare_llm(cfg.stack.llm, cfg.cache_dir)  # once, here: else every trainer and evaluator de-quantises a GGUF
-    evaluators = EvaluatorPool(cfg.eval.actors, cfg.stack, visual_width, cfg.cache_dir, cfg.eval.decode,
-                               cfg.eval.batch_size)
-    projection = aligned.weights if aligned else None
-    storage = train_storage(cfg)
-    tasks = []
-    throughput = dict.fromkeys(["train_images", "train_seconds", "eval_images", "eval_seconds"], 0.0)
-    components = {"memory": memory, **({"prototypes": prototypes} if prototypes else {}),
-                  **({"class_means": class_means} if class_means else {}),
-                  **{baseline.name: baseline for baseline in baselines}}  # what run_state persists after each task
-    resumed = run.load(store, components)
-    if resumed:
-        projection, rows, throughput = resumed.projection, resumed.rows, resumed.throughput
-        print(f"resuming {cfg.output_dir}: {resumed.next_task} of {len(scenario)} tasks were completed", flush=True)
-    try:
-        for task in scenario:
-            tasks.append(task)
-            if resumed and task.index < resumed.next_task:
-                continue
-            seen = list(task.seen_classes)
-            task_train = train.subset(scenario.training_mask(task, train.labels, train.keys))  # few-shot: K per class
-            seen_test = test.select(seen)
-            if len(task_train) == 0:
-                raise ValueError(f"task {task.index} has no training images for classes {list(task.new_classes)}")
-            t0 = time.perf_counter()
-            trained = train_task(task.index, task_train, projection, memory.payload(), cfg.stack, visual_width,
-                                 cfg.cache_dir, cfg.train, cfg.replay.ratio if cfg.replay.mode != "none" else 0.0,
-                                 storage, cfg.seed, storage_options=cfg.storage.options)
-            projection = trained.projection
-            manifest = store.publish(task.index, projection, seen, cfg.stack.fingerprint,
-                                     extra={"experiment": cfg.name, "replay": cfg.replay.mode})
-            if cfg.announce_url:
-                announce_to_service(cfg.announce_url, manifest.version)
-            t1 = time.perf_counter()
-            for statistics in filter(None, (prototypes, class_means)):
-                statistics.learn(task_train, seen)
-            predicted = evaluators.predict(projection, seen_test, seen, prototypes.matrix(seen) if prototypes else None,
-                                           class_means.matrix(seen) if class_means else None)
-            t2 = time.perf_counter()
-            accuracy = {}
-            for name, rule in gmm_rules.items():
-                acc_row, accuracy[name] = evaluate_task(predicted[rule], list(seen_test.labels), tasks)
-                _record(rows[name], acc_row, accuracy[name], time.perf_counter() - t0)
-            overall = accuracy[gmm_name]
-            store.annotate(task.index, {"accuracy": overall, "task_accuracy": rows[gmm_name]["task_acc"][-1]})
-            memory.update(task_train)
-            throughput["train_images"] += trained.images
-            throughput["train_seconds"] += trained.seconds
-            throughput["eval_images"] += len(seen_test)
-            throughput["eval_seconds"] += t2 - t1
-            line = [f"task {task.index + 1}/{len(scenario)}: gmm {overall:.1%}"
-                    + (f" (+ncm {accuracy[fused_name]:.1%})" if prototypes else "")
-                    + f" (train {t1 - t0:.0f}s, loss {trained.loss:.3f}, eval {t2 - t1:.0f}s)"]
-            for baseline in baselines:
-                b0 = time.perf_counter()
-                baseline.learn(task_train, seen)
-                b_row, b_overall = evaluate_task(baseline.predict(seen_test, seen), list(seen_test.labels), tasks)
-                _record(rows[baseline.name], b_row, b_overall, time.perf_counter() - b0)
-                line.append(f"{baseline.name} {b_overall:.1%}")
-            run.save(task.index, manifest, components, rows, throughput)
-            print(" | ".join(line), f"[{time.perf_counter() - started:.0f}s]", flush=True)
-    finally:
-        evaluators.close()
+    return Setup(
+        cfg=cfg, scenario=scenario, aligned=aligned, visual_width=encoder.width, train=train, test=test,
+        store=ProjectionStore(cfg.store_url, cfg.storage.options), run=run, stats=stats,
+        memory=make_memory(cfg.replay.mode, stats, cfg.replay.budget, cfg.replay.selection, cfg.seed),
+        baselines=[make_baseline(name, stats, cfg.seed) for name in cfg.baselines],
+        evaluators=EvaluatorPool(cfg.eval.actors, cfg.stack, encoder.width, cfg.cache_dir,
+                                 matcher=any(r is Rule.FREE for r in cfg.eval.rules), batch_size=cfg.eval.batch_size),
+        on_publish=on_publish)
 
-    rows[gmm_name]["memory_bytes"] = memory.nbytes + (class_means.memory_bytes if class_means else 0)
-    if prototypes:
-        rows[fused_name]["memory_bytes"] = rows[gmm_name]["memory_bytes"] + prototypes.memory_bytes
-    rows[gmm_name]["train_images_per_second"] = throughput["train_images"] / max(throughput["train_seconds"], 1e-9)
-    rows[gmm_name]["eval_images_per_second"] = throughput["eval_images"] / max(throughput["eval_seconds"], 1e-9)
-    for baseline in baselines:
-        rows[baseline.name]["memory_bytes"] = baseline.memory_bytes
-    for row in rows.values():
+
+def start_or_resume(setup: Setup) -> tuple[Progress, int]:
+    """The progress to continue from and the index of the first task still to run."""
+    names = [setup.method_name(rule) for rule in setup.rules] + list(setup.cfg.baselines)
+    progress = Progress(setup.aligned.weights if setup.aligned else None, {name: MethodRecord() for name in names})
+    resumed = setup.run.load(setup.store, setup.components)
+    if not resumed:
+        return progress, 0
+    progress.projection = resumed.projection
+    progress.records = {name: MethodRecord(**record) for name, record in resumed.rows.items()}
+    progress.throughput = Throughput(**resumed.throughput)
+    print(f"resuming {setup.cfg.output_dir}: {resumed.next_task} of {len(setup.scenario)} tasks were completed",
+          flush=True)
+    return progress, resumed.next_task
+
+
+def fit_task(setup: Setup, task: Task, features: FeatureTable, start: bytes | None) -> FitResult:
+    cfg = setup.cfg
+    return fit_projection(FitSpec(
+        name=f"task-{task.index:03d}", features=features, start=start, stack=cfg.stack,
+        visual_width=setup.visual_width, cache_dir=cfg.cache_dir, train=cfg.train, storage_url=cfg.train_storage_url,
+        seed=cfg.seed + 1000 * (task.index + 1), replay=setup.memory.payload(),
+        replay_ratio=cfg.replay.ratio if cfg.replay.mode != "none" else 0.0, storage_options=cfg.storage.options))
+
+
+def run_task(setup: Setup, progress: Progress, task: Task) -> str:
+    """Train, evaluate, publish and checkpoint one task; returns its line for the terminal."""
+    cfg, tasks = setup.cfg, progress.tasks
+    seen = list(task.seen_classes)
+    task_train = setup.train.subset(setup.scenario.training_mask(task, setup.train.labels, setup.train.keys))
+    seen_test = setup.test.select(seen)
+    if len(task_train) == 0:
+        raise ValueError(f"task {task.index} has no training images for classes {list(task.new_classes)}")
+    t0 = time.perf_counter()
+    trained = fit_task(setup, task, task_train, progress.projection)
+    t1 = time.perf_counter()
+    setup.stats.learn(task_train)
+    rules = setup.rules
+    evaluation = setup.evaluators.evaluate(
+        trained.projection, seen_test, seen, rules,
+        class_means=setup.stats.matrix("mean", seen) if any(r.prior for r in rules) else None,
+        prototypes=setup.stats.matrix("prototype", seen) if any(r.prototypes for r in rules) else None)
+    t2 = time.perf_counter()
+    accuracy = {}
+    for rule in rules:
+        task_acc, accuracy[rule] = evaluate_task(evaluation.labels[rule], list(seen_test.labels), tasks)
+        progress.records[setup.method_name(rule)].add(task_acc, accuracy[rule], t2 - t0)
+    served = cfg.eval.served_rule
+    published = ClassifierStats(evaluation.stats.first_token_prior if served.prior else None,
+                                evaluation.stats.prototypes if served.prototypes else None)
+    manifest = setup.store.publish(
+        task.index, trained.projection, seen, cfg.stack.fingerprint, rule=served.value,
+        class_stats=published.to_bytes() if served.prior or served.prototypes else None,
+        metrics={"accuracy": accuracy[served], "task_accuracy": progress.records[setup.method_name(served)].task_acc[-1],
+                 "accuracy_by_rule": {rule.value: value for rule, value in accuracy.items()}},
+        extra={"experiment": cfg.name, "replay": cfg.replay.mode})
+    if setup.on_publish:
+        setup.on_publish(manifest)
+    progress.projection = trained.projection
+    setup.memory.update(task_train)
+    throughput = progress.throughput
+    throughput.train_images += trained.images
+    throughput.train_seconds += trained.seconds
+    throughput.eval_images += len(seen_test)
+    throughput.eval_seconds += t2 - t1
+    base, *fused = rules
+    line = [f"task {task.index + 1}/{len(setup.scenario)}: gmm {accuracy[base]:.1%}"
+            + (f" (+prototypes {accuracy[fused[0]]:.1%})" if fused else "")
+            + f" (train {t1 - t0:.0f}s, loss {trained.loss:.3f}, eval {t2 - t1:.0f}s)"]
+    for baseline in setup.baselines:
+        b0 = time.perf_counter()
+        baseline.learn(task_train, seen)
+        task_acc, overall = evaluate_task(baseline.predict(seen_test, seen), list(seen_test.labels), tasks)
+        progress.records[baseline.name].add(task_acc, overall, time.perf_counter() - b0)
+        line.append(f"{baseline.name} {overall:.1%}")
+    setup.run.save(task.index, manifest, setup.components, {n: asdict(r) for n, r in progress.records.items()},
+                   asdict(throughput))
+    return " | ".join(line)
+
+
+def summarise(setup: Setup, progress: Progress, seconds: float) -> dict:
+    """results.json: every method's accuracy matrix, metrics and memory, with the config that produced them."""
+    cfg, throughput = setup.cfg, progress.throughput
+    methods = {name: asdict(record) for name, record in progress.records.items()}
+    for rule in setup.rules:
+        row = methods[setup.method_name(rule)]
+        row["memory_bytes"] = setup.memory.nbytes + setup.stats.nbytes(setup.stats_parts(rule))
+        row["train_images_per_second"] = throughput.train_images / max(throughput.train_seconds, 1e-9)
+        row["eval_images_per_second"] = throughput.eval_images / max(throughput.eval_seconds, 1e-9)
+    for baseline in setup.baselines:
+        methods[baseline.name]["memory_bytes"] = baseline.memory_bytes
+    for row in methods.values():
         row["metrics"] = CLMetrics.from_matrix(row["task_acc"], row["overall"]).summary()
-    results = {
-        "title": f"{cfg.name}: {scenario.name} on {len(scenario.class_order)} classes",
+    return {
+        "title": f"{cfg.name}: {setup.scenario.name} on {len(setup.scenario.class_order)} classes",
         "config": cfg.model_dump(mode="json", exclude=CREDENTIAL_FIELDS),
-        "scenario": {"name": scenario.name, "class_order": scenario.class_order},
-        "alignment": {"origin": aligned.origin, "classes": len(aligned.classes)} if aligned else None,
-        "skipped_images": dict(train.skipped + test.skipped),
-        "methods": rows,
-        "seconds": time.perf_counter() - started,
+        "scenario": {"name": setup.scenario.name, "class_order": setup.scenario.class_order},
+        "alignment": {"origin": setup.aligned.origin, "classes": len(setup.aligned.classes)} if setup.aligned else None,
+        "served_rule": cfg.eval.served_rule.value,
+        "skipped_images": dict(setup.train.skipped + setup.test.skipped),
+        "methods": methods,
+        "seconds": seconds,
     }
-    paths = write_report(str(out), results)
+
+
+def run_experiment(cfg: ExperimentConfig, fresh: bool = False, on_publish: OnPublish | None = None) -> dict:
+    """Runs, or resumes after its last completed task, the experiment in cfg.output_dir (see storage/run_state.py);
+    `fresh` discards an earlier run's progress there. `on_publish` is told of every new store version."""
+    started = time.perf_counter()
+    setup = set_up(cfg, fresh, on_publish, started)
+    progress, next_task = start_or_resume(setup)
+    try:
+        for task in setup.scenario:
+            progress.tasks.append(task)
+            if task.index >= next_task:
+                line = run_task(setup, progress, task)
+                print(line, f"[{time.perf_counter() - started:.0f}s]", flush=True)
+    finally:
+        setup.evaluators.close()
+    results = summarise(setup, progress, time.perf_counter() - started)
+    paths = write_report(cfg.output_dir, results)
     if cfg.storage.url:  # and beside the store: the driver's disk may not outlive a cluster
         paths.update({f"{k} (copy)": v for k, v in write_report(cfg.run_url, results, cfg.storage.options).items()})
     print(format_table(results))
     print(f"wrote {', '.join(paths.values())} in {results['seconds']:.0f}s")
     return results
-
-
-def announce_to_service(url: str, version: int) -> None:
-    """Tell a running service of a new version; a serving problem never fails the experiment."""
-    from serve.client import AnnounceError, announce
-
-    try:
-        announce(url, version, token=os.environ.get("GMM_CIL_SERVE_TOKEN"), wait=False)
-    except AnnounceError as error:
-        log.warning("could not announce version %d to %s: %s", version, url, error)
-
-
-def _record(row: dict, acc_row: list[float], overall: float, seconds: float) -> None:
-    row["task_acc"].append(acc_row)
-    row["overall"].append(overall)
-    row["seconds"] += seconds

@@ -17,14 +17,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import ray
+import torch
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
-from gmm_model import ModelStack, create_encoder
+from gmm_model import create_encoder
+from gmm_model.spec import ModelStack
 
-from .datasets import LabelledImages
-from .fsio import atomic_write_bytes
+from .config import ExperimentConfig
+from .data import LabelledImages, load_dataset
 from .storage import open_storage
+from .storage.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +98,6 @@ class EncodeBatch:
     """Ray Data actor: runs the frozen encoder on rows whose features are not cached yet."""
 
     def __init__(self, stack: ModelStack, cached: frozenset[str], threads: int = 1):
-        import torch
-
         torch.set_num_threads(threads)
         self.stack, self.cached, self._encoder = stack, cached, None
 
@@ -162,3 +163,12 @@ def extract_features(parts: list[LabelledImages], stack: ModelStack, cache: Feat
     log.info("features: %d images, %d computed, %d from cache", sum(map(len, tables)), len(new_keys),
              sum(map(len, tables)) - len(new_keys))
     return tables
+
+
+def features_for(cfg: ExperimentConfig, encoder_identity: str, classes: list[str],
+                 **dataset_overrides) -> tuple[FeatureTable, FeatureTable]:
+    """Cached frozen features of the train and test split of `classes` (computed where missing)."""
+    splits = load_dataset(cfg.dataset.model_copy(update=dataset_overrides), classes=classes)
+    cache = FeatureCache(cfg.features_url, encoder_identity, cfg.storage.options)
+    train, test = extract_features([splits.train, splits.test], cfg.stack, cache, actors=cfg.eval.actors)
+    return train, test

@@ -2,16 +2,19 @@
 
 - none: the paper's exemplar-free form; only the new task's images.
 - pseudo: per-class, per-token Gaussian statistics (mean, std) of the cached features; replayed
-  samples are drawn from them. No image or feature of an old class is kept.
+  samples are drawn from them. No image or feature of an old class is kept. The statistics are the run's
+  one ClassStatistics component (class_stats.py), which the prior and the prototypes share.
 - exemplar: a fixed total budget of real cached feature sets, chosen per class by herding
   (iCaRL) or at random, shrunk evenly as classes arrive.
 A memory hands the training workers a `payload` (plain numpy arrays) and `sample_replay` draws from it.
+`nbytes` is what the memory itself holds; `stats_parts` the class statistics it reads (counted by their owner).
 `state_dict` / `load_state_dict` (numpy arrays and JSON values) let a resumed run continue with the same memory.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .class_stats import ClassStatistics, Part
 from .features import FeatureTable
 
 
@@ -22,6 +25,7 @@ def pooled(features: np.ndarray) -> np.ndarray:
 
 class NoReplay:
     mode = "none"
+    stats_parts: tuple[Part, ...] = ()
 
     def update(self, task: FeatureTable) -> None:
         pass
@@ -40,38 +44,25 @@ class NoReplay:
         pass
 
 
-class PseudoFeatureReplay:
+class PseudoFeatureReplay(NoReplay):
+    """Draws from the Gaussians of the class statistics; holds nothing itself (the experiment learns the statistics)."""
+
     mode = "pseudo"
+    stats_parts: tuple[Part, ...] = ("mean", "std")
 
-    def __init__(self) -> None:
-        self.stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-    def update(self, task: FeatureTable) -> None:
-        for name, features in task.by_class():
-            self.stats[name] = (features.mean(0), features.std(0))
+    def __init__(self, stats: ClassStatistics) -> None:
+        self.stats = stats
 
     def payload(self) -> dict | None:
-        if not self.stats:
+        if not self.stats.classes:
             return None
-        names = list(self.stats)
-        return {"mode": "pseudo", "classes": names,
-                "mean": np.stack([self.stats[n][0] for n in names]),
-                "std": np.stack([self.stats[n][1] for n in names])}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(m.nbytes + s.nbytes for m, s in self.stats.values())
-
-    def state_dict(self) -> dict:  # class order matters: replayed classes are drawn by index
-        return {"classes": list(self.stats), "mean": [m for m, _ in self.stats.values()],
-                "std": [s for _, s in self.stats.values()]}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stats = {name: (mean, std) for name, mean, std in zip(state["classes"], state["mean"], state["std"])}
+        return {"mode": "pseudo", "classes": list(self.stats.classes),
+                "mean": self.stats.matrix("mean", self.stats.classes), "std": self.stats.matrix("std", self.stats.classes)}
 
 
 class ExemplarMemory:
     mode = "exemplar"
+    stats_parts: tuple[Part, ...] = ()
 
     def __init__(self, budget: int, selection: str = "herding", seed: int = 0):
         self.budget, self.selection = budget, selection
@@ -130,11 +121,11 @@ def herding_order(vectors: np.ndarray) -> np.ndarray:
     return np.asarray(chosen)
 
 
-def make_memory(mode: str, budget: int = 2000, selection: str = "herding", seed: int = 0):
+def make_memory(mode: str, stats: ClassStatistics, budget: int = 2000, selection: str = "herding", seed: int = 0):
     if mode == "none":
         return NoReplay()
     if mode == "pseudo":
-        return PseudoFeatureReplay()
+        return PseudoFeatureReplay(stats)
     if mode == "exemplar":
         return ExemplarMemory(budget, selection, seed)
     raise ValueError(f"unknown replay mode {mode!r}; use none, pseudo or exemplar")

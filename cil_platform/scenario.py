@@ -8,12 +8,10 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from .config import ScenarioConfig
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 @dataclass(frozen=True)
@@ -171,3 +169,38 @@ def build_scenario(config: "ScenarioConfig", class_names: Sequence[str], seed: i
                                   config.order_seed, config.class_order, shot_seed=seed)
     return ClassIncremental(class_names, config.initial, config.increment, config.num_classes, config.order_seed,
                             config.class_order)
+
+
+class ScenarioConfig(BaseModel):
+    """How the classes are cut into tasks (build_scenario below).
+
+    class_incremental: B{initial}-Inc{increment}, every training image of each class.
+    few_shot: a base session of `base_classes` classes with all their training images, then sessions of
+    `ways` new classes with `shots` training images each (seeded choice, docs/few_shot.md).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["class_incremental", "few_shot"] = "class_incremental"
+    num_classes: int | None = Field(100, ge=1)
+    initial: int = Field(0, ge=0, description="classes in the first task; 0 = same as increment")
+    increment: int = Field(10, ge=1)
+    base_classes: int | None = Field(None, ge=1, description="few_shot: classes of the base session")
+    ways: int | None = Field(None, ge=1, description="few_shot: new classes per incremental session")
+    shots: int | None = Field(None, ge=1, description="few_shot: training images per new class")
+    order_seed: int | None = 0
+    class_order: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _cuts(self):
+        few_shot = {"base_classes", "ways", "shots"}
+        if self.kind == "few_shot":
+            if missing := sorted(name for name in few_shot if getattr(self, name) is None):
+                raise ValueError(f"scenario kind few_shot needs {', '.join(missing)}")
+            if given := sorted({"initial", "increment"} & self.model_fields_set):
+                raise ValueError(f"scenario kind few_shot is cut by base_classes and ways, not {', '.join(given)}")
+        elif given := sorted(name for name in few_shot if getattr(self, name) is not None):
+            raise ValueError(f"{', '.join(given)} only apply to scenario kind few_shot (kind: {self.kind})")
+        if self.num_classes is not None and self.class_order is None:
+            build_scenario(self, [str(i) for i in range(self.num_classes)])  # the cuts must add up: fail before loading
+        return self

@@ -1,11 +1,29 @@
-"""The GMM model: frozen encoder, trained projection, frozen LLM, matcher. Nothing platform-specific."""
-from .matcher import OpenCLIPTextMatcher, SentenceTransformerMatcher, TextMatcher
-from .model import GMM, ConstrainedPrediction
-from .projection import Projection
-from .prompt import PromptFormat, normalise_class_name
-from .stack import PRESETS, ModelStack, create_encoder, create_gmm, create_matcher
-from .vision import VisionEncoder
+"""The GMM model: frozen encoder, trained projection, frozen LLM, matcher. Nothing platform-specific.
 
-__all__ = ["GMM", "ConstrainedPrediction", "ModelStack", "OpenCLIPTextMatcher", "PRESETS", "Projection", "PromptFormat",
-           "SentenceTransformerMatcher", "TextMatcher", "VisionEncoder", "create_encoder", "create_gmm",
-           "create_matcher", "normalise_class_name"]
+Names are imported from their modules on first access (PEP 562), so `from gmm_model import ModelStack`
+(a config, a store, a service's router) loads neither torch nor transformers; the model names do.
+"""
+import importlib
+
+_HOMES = {  # public name -> the module that defines it
+    "GMM": "model", "ConstrainedPrediction": "model",
+    "ModelStack": "spec", "PRESETS": "spec", "PromptFormat": "spec", "normalise_class_name": "spec",
+    "resolve_stack": "spec",
+    "OpenCLIPTextMatcher": "matcher", "SentenceTransformerMatcher": "matcher", "TextMatcher": "matcher",
+    "Projection": "projection",
+    "VisionEncoder": "vision",
+    "create_encoder": "stack", "create_gmm": "stack", "create_matcher": "stack",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{home}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

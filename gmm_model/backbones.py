@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .vision import Pooling, VisionEncoder, normalise, pooling_name, pool_tokens, resize_batch
+from .spec import Pooling
+from .vision import VisionEncoder, normalise, pooling_name, pool_tokens, resize_batch
 from .weights import local_weights_file, weights_id
 
 OPEN_CLIP_SCHEMAS = ("hf-hub:", "local-dir:")

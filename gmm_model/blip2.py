@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .vision import Pooling, VisionEncoder, normalise, resize_batch
+from .spec import Pooling
+from .vision import VisionEncoder, normalise, resize_batch
 from .weights import fetch, files_signature
 
 VISUAL_PREFIXES = ("vision_model.", "query_tokens", "qformer.")

@@ -11,7 +11,7 @@ class TrieNode:
 
 
 class LabelTrie:
-    """Token-level trie; `sequences[c]` is the full token sequence of class c (name + terminator)."""
+    """Token-level trie; `sequences[c]` is the full token sequence of class c (GMM.label_trie: name, terminator, eos)."""
 
     def __init__(self, sequences: list[list[int]]):
         if len({tuple(s) for s in sequences}) != len(sequences):

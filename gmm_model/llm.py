@@ -10,50 +10,13 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .weights import files_signature
-
-PACKAGE_PREFIX = "package:"
-Quantization = Literal["none", "8bit", "4bit"]
-
-
-@dataclass(frozen=True)
-class LLMSource:
-    """Where weights live: a directory (or hub name) and, for GGUF, the file inside it."""
-
-    location: str
-    gguf_file: str | None = None
-
-
-def resolve_llm_source(spec: str) -> LLMSource:
-    """Turn a user spec into a loadable source.
-
-    `package:<python_module>/<file.gguf>` (a file inside an installed package), a path to a `.gguf`
-    file, a local directory, or a Hugging Face hub name.
-    """
-    if spec.startswith(PACKAGE_PREFIX):
-        module, _, filename = spec[len(PACKAGE_PREFIX):].partition("/")
-        if not filename:
-            raise ValueError(f"LLM {spec!r}: name the file inside the package, e.g. package:{module}/model.gguf")
-        found = importlib.util.find_spec(module)
-        if found is None or found.origin is None:
-            raise ValueError(f"LLM {spec!r}: Python package {module!r} is not installed")
-        location = str(Path(found.origin).parent)
-        if not (Path(location) / filename).is_file():
-            raise ValueError(f"LLM {spec!r}: {filename!r} not found in {location}")
-        return LLMSource(location, filename)
-    path = Path(spec).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ValueError(f"LLM {spec!r}: GGUF file does not exist")
-        return LLMSource(str(path.parent), path.name)
-    return LLMSource(str(path) if path.is_dir() else spec)
+from .spec import Quantization
+from .weights import LLMSource, files_signature, resolve_llm_source
 
 
 def _dequantised_cache_dir(source: LLMSource, cache_dir: str | Path) -> Path:

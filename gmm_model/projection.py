@@ -46,11 +46,6 @@ class Projection(nn.Linear):
     def load_file(self, path: str | Path) -> "Projection":
         return self.load_bytes(Path(path).read_bytes())
 
-    @torch.no_grad()
-    def copy_from(self, other: nn.Linear) -> "Projection":
-        self.load_state_dict(other.state_dict())
-        return self
-
 
 # MiniGPT-4 keeps its one trained layer, `llama_proj = nn.Linear(768, llm_width)`, in the "model" dict
 # of its checkpoint (e.g. prerained_minigpt4_7b.pth); Projection is the same nn.Linear, so the mapping

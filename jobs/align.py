@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cil_platform.alignment import default_aligned_path, write_aligned  # noqa: E402
 from cil_platform.config import load_config  # noqa: E402
-from cil_platform.datasets import dataset_class_names  # noqa: E402
+from cil_platform.data import dataset_class_names  # noqa: E402
 from cil_platform.experiment import build_alignment, init_ray  # noqa: E402
 from gmm_model import create_encoder  # noqa: E402
 
@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     init_ray(cfg.ray_address)
     start = time.perf_counter()
-    aligned = build_alignment(cfg, dataset_class_names(cfg.dataset), create_encoder(cfg.stack))
+    encoder = create_encoder(cfg.stack)
+    aligned = align_projection(cfg, dataset_class_names(cfg.dataset), encoder.width, encoder.identity)
     out = args.out or str(default_aligned_path(cfg.stack, cfg.cache_dir)[0])
     write_aligned(out, aligned.weights, aligned.classes, cfg.stack, f"jobs/align.py on {cfg.dataset.kind}")
     print(f"aligned projection on {len(aligned.classes)} classes -> {out} ({time.perf_counter() - start:.0f}s)")

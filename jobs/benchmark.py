@@ -16,10 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cil_platform.config import load_config  # noqa: E402
 from cil_platform.evaluation import EvaluatorPool  # noqa: E402
-from cil_platform.experiment import features_for, run_experiment  # noqa: E402
-from cil_platform.store import ProjectionStore  # noqa: E402
-from gmm_model import create_encoder  # noqa: E402
+from cil_platform.experiment import run_experiment  # noqa: E402
+from cil_platform.features import features_for  # noqa: E402
 from cil_platform.report import format_table, write_report  # noqa: E402
+from cil_platform.storage.store import ProjectionStore  # noqa: E402
+from gmm_model import create_encoder  # noqa: E402
+from gmm_model.rules import Rule  # noqa: E402
 
 MODES = ("pseudo", "none", "exemplar")
 
@@ -58,20 +60,20 @@ def compare_decoders(cfg) -> dict:
     store = ProjectionStore(cfg.store_url)
     manifest, weights = store.load(store.versions()[-1])
     encoder = create_encoder(cfg.stack)
-    _, test = features_for(cfg, encoder, manifest.seen_classes)
-    width = encoder.width
+    _, test = features_for(cfg, encoder.identity, manifest.seen_classes)
     out = {}
-    for mode in ("trie", "free"):
-        pool = EvaluatorPool(cfg.eval.actors, cfg.stack, width, cfg.cache_dir, mode, cfg.eval.batch_size)
+    for rule in (Rule.TRIE, Rule.FREE):
+        pool = EvaluatorPool(cfg.eval.actors, cfg.stack, encoder.width, cfg.cache_dir, rule is Rule.FREE,
+                             cfg.eval.batch_size)
         try:
-            pool.predict(weights, test.select(manifest.seen_classes[:1]), manifest.seen_classes)  # warm-up
+            pool.evaluate(weights, test.select(manifest.seen_classes[:1]), manifest.seen_classes, [rule])  # warm-up
             start = time.perf_counter()
-            predicted = pool.predict(weights, test, manifest.seen_classes)[mode]
+            predicted = pool.evaluate(weights, test, manifest.seen_classes, [rule]).labels[rule]
             seconds = time.perf_counter() - start
         finally:
             pool.close()
         correct = sum(p == y for p, y in zip(predicted, test.labels))
-        out[mode] = {"accuracy": correct / len(test), "images": len(test), "seconds": seconds,
+        out[rule.value] = {"accuracy": correct / len(test), "images": len(test), "seconds": seconds,
                      "images_per_second": len(test) / seconds, "actors": cfg.eval.actors}
     return out
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cil_platform.config import load_config  # noqa: E402
 from cil_platform.experiment import run_experiment  # noqa: E402
-from cil_platform.run_state import ConfigMismatchError  # noqa: E402
+from cil_platform.storage.run_state import ConfigMismatchError  # noqa: E402
+from serve.client import TOKEN_ENV, announcer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,20 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set scenario.increment=5 (repeatable)")
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
-    parser.add_argument("--announce", metavar="URL", help="a running serve/ app to move to each new version")
+    parser.add_argument("--announce", metavar="URL", help="a running serve/ app to move to each new version "
+                                                          f"(bearer token from ${TOKEN_ENV})")
     parser.add_argument("--fresh", action="store_true",
                         help="discard the progress saved in output_dir instead of resuming after its last task")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = args.overrides + ([f"ray_address={args.address}"] if args.address else []) + (
-        [f"announce_url={args.announce}"] if args.announce else [])
+    overrides = args.overrides + ([f"ray_address={args.address}"] if args.address else [])
     try:
         config = load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        run_experiment(config, fresh=args.fresh)
+        run_experiment(config, fresh=args.fresh,
+                       on_publish=announcer(args.announce, os.environ.get(TOKEN_ENV)) if args.announce else None)
     except ConfigMismatchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

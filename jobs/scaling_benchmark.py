@@ -4,7 +4,7 @@
     python jobs/scaling_benchmark.py --workers 1 2 4 --gpu              # one GPU per worker
     python jobs/scaling_benchmark.py --backends deepspeed --set train.deepspeed_config=configs/deepspeed/zero2-fp32-cpu.json
 
-One task is trained exactly as jobs/incremental.py trains it (train_task: a Ray Train fit, the frozen
+One task is trained exactly as jobs/incremental.py trains it (fit_projection: a Ray Train fit, the frozen
 LLM in every worker, pseudo-feature replay of old classes in every batch) on cached QuickDraw
 features. Throughput counts new and replayed samples. Two figures per fit:
 - steady images/s: samples of the last epoch / that epoch's wall time (the slowest rank), i.e. the
@@ -23,18 +23,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cil_platform.config import load_config  # noqa: E402
-from cil_platform.datasets import dataset_class_names  # noqa: E402
-from cil_platform.experiment import features_for, init_ray  # noqa: E402
+from cil_platform.data import dataset_class_names  # noqa: E402
+from cil_platform.class_stats import ClassStatistics  # noqa: E402
+from cil_platform.experiment import init_ray  # noqa: E402
+from cil_platform.features import features_for  # noqa: E402
 from cil_platform.replay import make_memory  # noqa: E402
-from cil_platform.training import train_task  # noqa: E402
+from cil_platform.training.fit import FitSpec, fit_projection  # noqa: E402
 from gmm_model import create_encoder  # noqa: E402
 
 
 def measure(cfg, train, payload, replay_ratio: float, width: int, workers: int, backend: str, use_gpu: bool) -> dict:
     train_cfg = cfg.train.model_copy(update={"num_workers": workers, "backend": backend, "use_gpu": use_gpu})
     with tempfile.TemporaryDirectory(prefix="scaling-") as storage:  # fresh: a reused run name would resume
-        result = train_task(0, train, None, payload, cfg.stack, width, cfg.cache_dir, train_cfg,
-                            replay_ratio, storage, cfg.seed)
+        result = fit_projection(FitSpec(name="task-000", features=train, start=None, stack=cfg.stack,
+                                        visual_width=width, cache_dir=cfg.cache_dir, train=train_cfg,
+                                        storage_url=storage, seed=cfg.seed, replay=payload, replay_ratio=replay_ratio))
     last_epoch_images = result.metrics["images"] * workers  # rank 0's count; every rank runs the same steps
     slowest = max(result.metrics["epoch_seconds_per_worker"])
     return {"backend": backend, "workers": workers, "device": "gpu" if use_gpu else "cpu",
@@ -73,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     encoder = create_encoder(cfg.stack)
     names = dataset_class_names(cfg.dataset)
     old, new = names[:args.classes], names[args.classes: 2 * args.classes]
-    old_train, _ = features_for(cfg, encoder, old, test_per_class=0)
-    train, _ = features_for(cfg, encoder, new, test_per_class=0)
-    memory = make_memory(cfg.replay.mode, cfg.replay.budget, cfg.replay.selection, cfg.seed)
+    old_train, _ = features_for(cfg, encoder.identity, old, test_per_class=0)
+    train, _ = features_for(cfg, encoder.identity, new, test_per_class=0)
+    stats = ClassStatistics()
+    stats.learn(old_train)
+    memory = make_memory(cfg.replay.mode, stats, cfg.replay.budget, cfg.replay.selection, cfg.seed)
     memory.update(old_train)
     print(f"task: {len(train)} new images of {len(new)} classes, replay {cfg.replay.mode} x{cfg.replay.ratio} "
           f"of {len(old)} old classes; batch {cfg.train.batch_size} per worker, {cfg.train.epochs} epochs, "

@@ -59,12 +59,12 @@ def offline_components() -> dict[str, int]:
 
     from gmm_model import ModelStack
     from gmm_model.llm import prepare_llm
-    from gmm_model.matcher import _package_model_dir
+    from gmm_model.weights import matcher_location
 
     net = count(lambda: EfficientNet.from_name("efficientnet-lite0"))
     llm_dir = prepare_llm(ModelStack().llm, os.path.expanduser(os.environ.get("GMM_CIL_CACHE", "~/.cache/gmm-cil"))).location
     llm = count(lambda: AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llm_dir)))
-    minilm = count(lambda: AutoModel.from_config(AutoConfig.from_pretrained(_package_model_dir(ModelStack().matcher))))
+    minilm = count(lambda: AutoModel.from_config(AutoConfig.from_pretrained(matcher_location(ModelStack().matcher))))
     return {"EfficientNet-Lite0": net, "SmolLM2-135M": llm, "all-MiniLM-L6-v2": minilm}
 
 

@@ -7,12 +7,17 @@ Only httpx and the standard library at import time, so a training job can import
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import logging
+from typing import TYPE_CHECKING, Any, Callable
 
 import httpx
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "GMM_CIL_SERVE_TOKEN"  # where the service and its clients read the bearer token
 
 
 class AnnounceError(RuntimeError):
@@ -32,7 +37,7 @@ def announce(url: str, version: int | None = None, token: str | None = None, *, 
     """Tell the app at `url` to serve store version `version` (None: the store's latest).
 
     POSTs to `{url}/v1/admin/reload`. With `wait`, returns once every replica serves it. Returns
-    {"version", "task", "previous", "settled"}; raises AnnounceError if the app refuses (404 unknown
+    {"version", "task", "rule", "previous", "settled"}; raises AnnounceError if the app refuses (404 unknown
     version, 409 corrupt entry / other stack / app not deployed from a config, 401 token) or is unreachable.
     """
     payload: dict[str, Any] = {"wait": wait}
@@ -52,6 +57,19 @@ def announce(url: str, version: int | None = None, token: str | None = None, *, 
     return response.json()
 
 
+def announcer(url: str, token: str | None) -> Callable[[Any], None]:
+    """An experiment's `on_publish` callback: tell the app at `url` of every new store version (anything with a
+    `.version`) without waiting for it to settle. A serving problem is logged, never fatal to the experiment."""
+
+    def tell(manifest) -> None:
+        try:
+            announce(url, manifest.version, token=token, wait=False)
+        except AnnounceError as error:
+            log.warning("could not announce version %d to %s: %s", manifest.version, url, error)
+
+    return tell
+
+
 def announce_version(app: "str | DeploymentHandle" = "gmm-cil", version: int | None = None, *,
                      wait: bool = True) -> dict[str, Any]:
     """The same from a process connected to the app's Ray cluster, without HTTP or token: `app` is the
@@ -67,12 +85,13 @@ def announce_version(app: "str | DeploymentHandle" = "gmm-cil", version: int | N
 
 
 def classify(url: str, image: bytes, content_type: str = "image/png", token: str | None = None, *,
-             top_k: int = 1, decode: str | None = None, client: httpx.Client | None = None,
+             top_k: int = 1, rule: str | None = None, client: httpx.Client | None = None,
              timeout_s: float = 60.0) -> httpx.Response:
-    """POST raw image bytes to `{url}/v1/classify`; returns the response (check its status)."""
+    """POST raw image bytes to `{url}/v1/classify`; returns the response (check its status). `rule`: a decoding
+    rule other than the served version's own (422 if that version lacks the class statistics it needs)."""
     params: dict[str, Any] = {"top_k": top_k}
-    if decode:
-        params["decode"] = decode
+    if rule:
+        params["rule"] = rule
     headers = {"Content-Type": content_type, **_headers(token)}
     post = client.post if client is not None else httpx.post
     return post(f"{url.rstrip('/')}/v1/classify", content=image, params=params, headers=headers, timeout=timeout_s)

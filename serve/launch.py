@@ -17,52 +17,57 @@ import sys
 import threading
 from pathlib import Path
 
-import yaml
-
 if __package__ in (None, ""):  # run as a script: make the repository importable, not serve/ itself
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 
 def parse_sets(assignments: list[str]) -> dict[str, dict]:
-    """['Watcher.user_config.poll_interval_s=2'] -> {'Watcher': {'user_config': {'poll_interval_s': 2}}}."""
+    """['Watcher.user_config.poll_interval_s=2'] -> {'Watcher': {'user_config': {'poll_interval_s': 2}}}
+    (cil_platform.config.apply_override, the experiments' own `--set` parser: values are YAML)."""
+    if not assignments:
+        return {}
+    from cil_platform.config import apply_override
+
     out: dict[str, dict] = {}
     for assignment in assignments:
-        key, sep, raw = assignment.partition("=")
-        parts = key.split(".")
-        if not sep or len(parts) < 2:
+        key, sep, _ = assignment.partition("=")
+        if not sep or len(key.split(".")) < 2 or not all(part.strip() for part in key.split(".")):
             raise SystemExit(f"--set expects Deployment.option=value, got {assignment!r}")
-        node = out.setdefault(parts[0], {})
-        for part in parts[1:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            apply_override(out, assignment)
+        except ValueError as error:  # e.g. a.b=1 then a.b.c=2: b is a value, not a section
+            raise SystemExit(f"--set: {error}") from None
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
+    from serve.settings import DEFAULT_APP_NAME, TOKEN_ENV
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True, help="projection store URL")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--address", default=None, help="Ray cluster address; default: start a local instance")
     parser.add_argument("--num-cpus", type=float, default=None, help="CPUs of a local instance")
-    parser.add_argument("--name", default="gmm-cil", help="application name")
-    parser.add_argument("--token-env", default="GMM_CIL_SERVE_TOKEN", help="environment variable with the token")
+    parser.add_argument("--name", default=DEFAULT_APP_NAME, help="application name")
+    parser.add_argument("--token-env", default=TOKEN_ENV, help="environment variable with the token")
     parser.add_argument("--config", default=None, help="config file (default serve/config.yaml)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="DEPLOYMENT.KEY=VALUE")
     args = parser.parse_args(argv)
+    deployments = parse_sets(args.sets)  # a bad --set fails before Ray starts
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
 
-    from serve.app import DEFAULT_CONFIG, start
+    from serve.deploy import DEFAULT_CONFIG, start
 
     if args.address:
         ray.init(address=args.address)
     else:
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
     url = start(args.store, host=args.host, port=args.port, name=args.name, token=os.environ.get(args.token_env) or None,
-                deployments=parse_sets(args.sets), config_path=args.config or DEFAULT_CONFIG)
+                deployments=deployments, config_path=args.config or DEFAULT_CONFIG)
     print(f"GMM-CIL serving at {url}  (POST {url}/v1/classify, GET {url}/v1/model; Ctrl-C stops)", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

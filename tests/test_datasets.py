@@ -13,7 +13,8 @@ import pytest
 import ray
 from PIL import Image
 
-from cil_platform.datasets import QUICKDRAW_PATH, DatasetConfig, load_dataset
+from cil_platform.data import DatasetConfig, load_dataset
+from cil_platform.data.quickdraw import QUICKDRAW_PATH
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -156,7 +157,7 @@ def image_folder(tmp_path):
 
 def test_folder_hash_split_labels_errors_and_values(image_folder, caplog):
     root, arrays, grey = image_folder
-    with caplog.at_level(logging.WARNING, logger="cil_platform.datasets"):
+    with caplog.at_level(logging.WARNING, logger="cil_platform.data.folder"):
         splits = load_dataset(DatasetConfig(kind="folder", path=str(root), test_fraction=0.5))
     assert "empty" in caplog.text
     assert splits.class_names == ["café crème", "cat", "hot dog"]

@@ -22,11 +22,14 @@ import ray
 import torch
 from safetensors.torch import load as load_tensors
 
-from cil_platform.config import REPO_ROOT, ExperimentConfig
-from cil_platform.experiment import features_for, init_ray
+from cil_platform.class_stats import ClassStatistics
+from cil_platform.config import ExperimentConfig
+from cil_platform.experiment import init_ray
+from cil_platform.features import features_for
+from cil_platform.paths import REPO_ROOT
 from cil_platform.replay import PseudoFeatureReplay
-from cil_platform.store import ProjectionStore
-from cil_platform.training import train_task
+from cil_platform.storage.store import ProjectionStore
+from cil_platform.training.fit import FitSpec, fit_projection
 from gmm_model import create_encoder
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # `make test-slow`: minutes of multi-process runs each
@@ -69,16 +72,16 @@ def test_a_killed_training_worker_restarts_from_its_checkpoint_and_matches_an_un
     cfg = ExperimentConfig(dataset={"kind": "quickdraw", "train_per_class": 16, "test_per_class": 1},
                            output_dir=str(tmp_path))
     encoder = create_encoder(cfg.stack)
-    features, _ = features_for(cfg, encoder, ["apple", "cat", "dog"])
-    memory = PseudoFeatureReplay()  # an old class to replay: exercises the per-epoch replay RNG
-    memory.update(features.select(["apple"]))
-    fit = dict(task_index=1, features=features.select(["cat", "dog"]), projection=None,
-               replay_payload=memory.payload(), stack=cfg.stack, visual_width=encoder.width, cache_dir=cfg.cache_dir,
-               train_cfg=cfg.train.model_copy(update={"epochs": 3, "batch_size": 4, "num_workers": 2}),
+    features, _ = features_for(cfg, encoder.identity, ["apple", "cat", "dog"])
+    stats = ClassStatistics()  # an old class to replay: exercises the per-epoch replay RNG
+    stats.learn(features.select(["apple"]))
+    fit = dict(name="task-001", features=features.select(["cat", "dog"]), start=None,
+               replay=PseudoFeatureReplay(stats).payload(), stack=cfg.stack, visual_width=encoder.width,
+               cache_dir=cfg.cache_dir, train=cfg.train.model_copy(update={"epochs": 3, "batch_size": 4, "num_workers": 2}),
                replay_ratio=1.0, seed=0, max_failures=1)
 
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(train_task, storage_path=str(tmp_path / "killed"), **fit)
+        future = pool.submit(fit_projection, FitSpec(storage_url=str(tmp_path / "killed"), **fit))
         wait_for(lambda: (tmp_path / "killed" / "task-001" / RAY_TRAIN_SNAPSHOT).exists() or future.done(), 600,
                  "the first registered checkpoint")
         assert not future.done(), f"the fit ended before a checkpoint was registered: {future.exception()}"
@@ -90,7 +93,7 @@ def test_a_killed_training_worker_restarts_from_its_checkpoint_and_matches_an_un
         killed = future.result(timeout=600)
 
     assert 1 <= killed.metrics["start_epoch"] <= 2  # the last report came from a worker group restored mid-fit
-    uninterrupted = train_task(storage_path=str(tmp_path / "uninterrupted"), **fit)
+    uninterrupted = fit_projection(FitSpec(storage_url=str(tmp_path / "uninterrupted"), **fit))
     assert uninterrupted.metrics["start_epoch"] == 0
     a, b = load_tensors(killed.projection), load_tensors(uninterrupted.projection)
     assert a.keys() == b.keys()

@@ -5,7 +5,7 @@ import pytest
 
 from cil_platform.config import ExperimentConfig
 from cil_platform.experiment import run_experiment
-from cil_platform.store import ProjectionStore
+from cil_platform.storage.store import ProjectionStore
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow,  # `make test-slow`: minutes of multi-process runs each
               pytest.mark.usefixtures("ray_shut_down_after")]

@@ -13,9 +13,10 @@ import pytest
 import ray
 from PIL import Image
 
-from cil_platform.config import REPO_ROOT, load_config
-from cil_platform.datasets import DatasetConfig, load_dataset
-from cil_platform.layouts import imagenet_lemmas, parse_wordnet_words, wordnet_class_names
+from cil_platform.config import load_config
+from cil_platform.data import DatasetConfig, load_dataset
+from cil_platform.data.layouts import imagenet_lemmas, parse_wordnet_words, wordnet_class_names
+from cil_platform.paths import REPO_ROOT
 from cil_platform.scenario import build_scenario
 from tests.test_datasets import rows, sha1
 

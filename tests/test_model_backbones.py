@@ -118,10 +118,10 @@ def tiny_sentence_transformer(tmp_path_factory) -> str:
     from sentence_transformers import SentenceTransformer, models
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from gmm_model.matcher import _package_model_dir
+    from gmm_model.weights import matcher_location
 
     root = tmp_path_factory.mktemp("sentence-transformer")
-    tokenizer = AutoTokenizer.from_pretrained(_package_model_dir(ModelStack().matcher))
+    tokenizer = AutoTokenizer.from_pretrained(matcher_location(ModelStack().matcher))
     torch.manual_seed(4)
     BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=128)).save_pretrained(root / "bert")

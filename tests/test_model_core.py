@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from gmm_model import GMM, ModelStack, Projection, PromptFormat, create_encoder, create_gmm, normalise_class_name
-from gmm_model.llm import load_frozen_llm, resolve_llm_source
+from gmm_model.llm import load_frozen_llm
 from gmm_model.model import IGNORE
+from gmm_model.weights import resolve_llm_source
 
 CACHE_DIR = os.environ.get("GMM_CIL_CACHE", os.path.expanduser("~/.cache/gmm-cil"))
 VISUAL_WIDTH = 1280

@@ -18,7 +18,7 @@ from safetensors.numpy import load as load_safetensors
 
 from cil_platform.config import ExperimentConfig, load_config
 from cil_platform.experiment import run_experiment
-from cil_platform.store import ProjectionStore
+from cil_platform.storage.store import ProjectionStore
 from tests.ray_cluster import local_cluster
 
 REPO = Path(__file__).resolve().parents[1]

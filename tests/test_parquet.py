@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from cil_platform.datasets import DatasetConfig, ParquetColumns, load_dataset
+from cil_platform.data import DatasetConfig, ParquetColumns, load_dataset
 from cil_platform.storage import open_storage
 from tests.test_datasets import jpeg_bytes as jpeg
 from tests.test_datasets import png_bytes as png
@@ -76,7 +76,7 @@ def test_split_column_decodes_like_the_folder_loader_and_counts_bad_rows_alike(p
         "split": ["train", "test", "train", "test", "train", "test", "validation"]})
 
     config = DatasetConfig(kind="parquet", path=url, storage_options=options, max_image_bytes=LIMIT)
-    with caplog.at_level(logging.WARNING, logger="cil_platform.parquet"):
+    with caplog.at_level(logging.WARNING, logger="cil_platform.data.parquet"):
         splits = load_dataset(config)
     assert "validation" in caplog.text and "left out 1 rows" in caplog.text
     assert splits.class_names == ["cat", "dog", "hot dog"]

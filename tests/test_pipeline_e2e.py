@@ -1,23 +1,27 @@
 """End to end: the real pipeline (QuickDraw, EfficientNet-Lite0, SmolLM2, Ray Train) on a few classes.
 
 One incremental run of two tasks serves every test of the first part (a run is the expensive part): it announces
-each task's version to a running Ray Serve application, as a production job would, and the tests check its
-results, its store and the service.
+each task's version to a running Ray Serve application, as a production job would (`on_publish=announcer(...)`),
+and the tests check its results, its store and the service, down to the service answering every test image as the
+evaluation did.
 """
 from __future__ import annotations
 
+import io
 import json
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import ray
 
 from cil_platform.config import ExperimentConfig
 from cil_platform.experiment import run_experiment
-from cil_platform.store import ProjectionStore
+from cil_platform.storage.store import ProjectionStore
 
 pytestmark = pytest.mark.e2e
 
@@ -52,7 +56,8 @@ def announced_run(tmp_path_factory):
     """(config, results, service URL) of one run that announced its versions to a running service."""
     from ray import serve
 
-    from serve.app import start
+    from serve.client import announcer
+    from serve.deploy import start
 
     tmp_path = tmp_path_factory.mktemp("announced")
     if ray.is_initialized():
@@ -60,32 +65,35 @@ def announced_run(tmp_path_factory):
     # the service's replicas reserve 1.25 CPUs; the two training workers need whole ones beside them
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("GMM_CIL_SERVE_TOKEN", TOKEN)  # the job announces with it
-            url = start(str(tmp_path / "store"), port=free_port(), token=TOKEN)
-            assert httpx.get(f"{url}/v1/model", headers=AUTH, timeout=30).status_code == 503  # nothing published
-            cfg = small_config(tmp_path, store_url=str(tmp_path / "store"), announce_url=url)
-            yield cfg, run_experiment(cfg), url
+        url = start(str(tmp_path / "store"), port=free_port(), token=TOKEN)
+        assert httpx.get(f"{url}/v1/model", headers=AUTH, timeout=30).status_code == 503  # nothing published
+        cfg = small_config(tmp_path, store_url=str(tmp_path / "store"))
+        yield cfg, run_experiment(cfg, on_publish=announcer(url, TOKEN)), url
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
+BASE, FUSED = "gmm[pseudo,trie+prior]", "gmm[pseudo,trie+prior+prototypes]"
+
+
 def test_incremental_run_writes_results_store_and_plot(announced_run):
+    from gmm_model.classify import ClassifierStats
+
     cfg, results, _ = announced_run
     run = Path(cfg.output_dir)
 
-    gmm = results["methods"]["gmm[pseudo,trie+prior]"]
+    gmm = results["methods"][BASE]
     assert [len(row) for row in gmm["task_acc"]] == [1, 2]  # a row per task, a column per seen task
     assert len(gmm["overall"]) == 2 and all(0.0 <= a <= 1.0 for a in gmm["overall"])
     # aligned start + pseudo replay: far above chance (1/2 after task 1, 1/4 after task 2)
     assert gmm["overall"][0] > 0.5 and gmm["overall"][1] > 0.25
-    assert set(results["methods"]) == {"gmm[pseudo,trie+prior]", "gmm[pseudo,trie+prior+ncm]", "ncm",
-                                       "linear_sequential", "joint"}
-    fused = results["methods"]["gmm[pseudo,trie+prior+ncm]"]
-    assert fused["memory_bytes"] == gmm["memory_bytes"] + 4 * 1280 * 4  # plus one fp32 prototype per class
-    # 4 classes x 4 tokens x 1280 x fp32 x (replay mean + std, and the class means the prior is estimated on)
-    assert gmm["memory_bytes"] == 4 * 4 * 1280 * 4 * 3
+    assert set(results["methods"]) == {BASE, FUSED, "ncm", "linear_sequential", "joint"}
+    fused = results["methods"][FUSED]
+    # class statistics are counted once: 4 classes x 4 tokens x 1280 x fp32 x (replay mean + std; the prior is
+    # estimated on those same means), and the fusion adds one fp32 prototype per class
+    assert gmm["memory_bytes"] == 4 * 4 * 1280 * 4 * 2
+    assert fused["memory_bytes"] == gmm["memory_bytes"] + 4 * 1280 * 4
 
     on_disk = json.loads((run / "results.json").read_text())
     assert on_disk["methods"]["ncm"]["overall"] == results["methods"]["ncm"]["overall"]
@@ -95,20 +103,89 @@ def test_incremental_run_writes_results_store_and_plot(announced_run):
     assert store.versions() == [0, 1]
     manifest, weights = store.load(1)
     assert manifest.seen_classes == results["scenario"]["class_order"]
-    assert manifest.metrics["accuracy"] == pytest.approx(gmm["overall"][1])
+    # the version records the most complete rule measured, and that rule's accuracy
+    assert manifest.rule == results["served_rule"] == "trie+prior+prototypes"
+    assert manifest.metrics["accuracy"] == pytest.approx(fused["overall"][1])
+    assert manifest.metrics["task_accuracy"] == pytest.approx(fused["task_acc"][1])
+    assert manifest.metrics["accuracy_by_rule"] == pytest.approx({"trie+prior": gmm["overall"][1],
+                                                                 "trie+prior+prototypes": fused["overall"][1]})
     assert len(weights) > 1280 * 576 * 4
+    # with exactly the statistics that rule needs: a first-token prior and a prototype per seen class
+    assert manifest.class_stats is not None
+    stats = ClassifierStats.from_bytes(store.class_stats(manifest))
+    assert stats.first_token_prior.shape == (4,) and stats.prototypes.shape == (4, 1280)
+
+
+def served_model(url: str, version: int, timeout_s: float = 120.0) -> dict:
+    """/v1/model once `version` is served (the last announcement may still be rolling out)."""
+    deadline, model = time.monotonic() + timeout_s, {}
+    while time.monotonic() < deadline:
+        model = httpx.get(f"{url}/v1/model", headers=AUTH, timeout=30).json()
+        if model.get("version") == version:
+            break
+        time.sleep(1)
+    return model
 
 
 def test_the_job_moved_the_running_service_to_each_new_version(announced_run):
-    _, results, url = announced_run
-    deadline, model = time.monotonic() + 120, {}
-    while time.monotonic() < deadline:  # the last announcement may still be rolling out
-        model = httpx.get(f"{url}/v1/model", headers=AUTH, timeout=30).json()
-        if model.get("version") == 1:
-            break
-        time.sleep(1)
+    cfg, results, url = announced_run
+    model = served_model(url, 1)
     assert model["version"] == 1 and model["task"] == 1
     assert model["seen_classes"] == results["scenario"]["class_order"]
+    assert model["rule"] == "trie+prior+prototypes"
+    assert model["metrics"]["accuracy"] == pytest.approx(results["methods"][FUSED]["overall"][1])
+
+
+def png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_the_service_answers_each_test_image_as_the_evaluation_did(announced_run):
+    """The served classifier is the measured one: every test image of the final version, sent as a PNG, gets the
+    label the evaluation's own code gives its cached features with the version's rule and class statistics."""
+    from cil_platform.data import load_dataset
+    from cil_platform.evaluation import Evaluator
+    from cil_platform.features import FeatureCache
+    from gmm_model import create_encoder
+    from gmm_model.classify import ClassifierStats
+    from gmm_model.rules import Rule
+
+    cfg, _, url = announced_run
+    assert served_model(url, 1)["version"] == 1
+    store = ProjectionStore(cfg.store_url)
+    manifest, weights = store.load(1)
+    classes, rule = list(manifest.seen_classes), Rule(manifest.rule)
+    stats = ClassifierStats.from_bytes(store.class_stats(manifest))
+
+    rows = load_dataset(cfg.dataset, classes=classes).test.dataset.take_all()
+    assert len(rows) == 4 * 6 and all(not row["error"] for row in rows)
+    encoder = create_encoder(cfg.stack)
+    cached = FeatureCache(cfg.features_url, encoder.identity, cfg.storage.options).load_all()
+    features = np.stack([cached[row["key"]] for row in rows])
+    evaluator = Evaluator(cfg.stack.model_dump(), encoder.width, cfg.cache_dir, matcher=False)
+    evaluator.set_projection(weights)
+    expected = evaluator.predict(features, classes, cfg.eval.batch_size, [rule], stats)[rule]
+    # the same images as the evaluation of task 1: the recomputation reproduces the accuracy it recorded
+    accuracy = np.mean([label == row["label"] for label, row in zip(expected, rows)])
+    assert accuracy == pytest.approx(manifest.metrics["accuracy"])
+
+    def ask(row) -> dict:
+        response = httpx.post(f"{url}/v1/classify", content=png(row["image"]), timeout=120,
+                              headers={"Content-Type": "image/png", **AUTH})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    with ThreadPoolExecutor(4) as pool:  # concurrent, so the Captioner batches them as it would any traffic
+        answers = list(pool.map(ask, rows))
+    assert {answer["version"] for answer in answers} == {1}
+    assert {answer["rule"] for answer in answers} == {manifest.rule}
+    mismatches = [(row["label"], answer["label"], label) for row, answer, label in zip(rows, answers, expected)
+                  if answer["label"] != label]
+    assert not mismatches, f"(true, served, evaluated): {mismatches}"
 
 
 def test_a_task_without_training_images_fails_before_touching_the_store(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from cil_platform.alignment import alignment_classes, default_aligned_path, read_aligned, write_aligned
-from cil_platform.fsio import atomic_write_bytes
+from cil_platform.storage.atomic import atomic_write_bytes
 from gmm_model import ModelStack, Projection
 
 NAMES = [f"class{i:02d}" for i in range(30)]

@@ -14,12 +14,12 @@ import torch
 import torch.distributed as dist
 
 from cil_platform.config import ExperimentConfig, TrainConfig
-from cil_platform.datasets import DatasetConfig, dataset_class_names, load_dataset
-from cil_platform.deepspeed_config import deepspeed_config_path, deepspeed_settings, low_precision
+from cil_platform.data import DatasetConfig, dataset_class_names, load_dataset
+from cil_platform.training.deepspeed_config import deepspeed_config_path, deepspeed_settings, low_precision
 from cil_platform.experiment import init_ray
 from cil_platform.features import FeatureTable
-from cil_platform.train_worker import train_task_loop
-from cil_platform.training import train_task
+from cil_platform.training.worker import fit_worker_loop
+from cil_platform.training.fit import FitSpec, fit_projection
 from gmm_model import ModelStack, Projection, create_encoder, create_gmm
 
 # Same seed, same shards, same schedule: ZeRO-0/fp32 DeepSpeed and DDP both average the two workers'
@@ -43,7 +43,7 @@ def test_default_json_follows_the_device_and_batch_keys_are_filled():
     assert cpu["zero_optimization"]["stage"] == 0 and low_precision(cpu) is None
     assert (cpu["train_micro_batch_size_per_gpu"], cpu["gradient_accumulation_steps"], cpu["train_batch_size"]) == (6, 1, 12)
     gpu = deepspeed_settings(None, use_gpu=True, batch_size=16, workers=4)
-    assert low_precision(gpu) == "bf16" and gpu["zero_optimization"]["stage"] == 2
+    assert low_precision(gpu) == "bfloat16" and gpu["zero_optimization"]["stage"] == 2
     assert gpu["train_batch_size"] == 64 and gpu["zero_allow_untested_optimizer"] is True
     assert deepspeed_config_path(None, use_gpu=False).name == "zero0-fp32-cpu.json"
     assert deepspeed_config_path(None, use_gpu=True).name == "zero2-bf16-gpu.json"
@@ -54,7 +54,7 @@ def test_fp16_on_cpu_is_refused_by_the_config(tmp_path):
     path = write_json(tmp_path, {"fp16": {"enabled": True}, "zero_optimization": {"stage": 0}})
     with pytest.raises(ValueError, match="fp16 is not supported on CPU"):
         TrainConfig(backend="deepspeed", deepspeed_config=path)
-    assert low_precision(deepspeed_settings(path, use_gpu=True, batch_size=4, workers=1)) == "fp16"  # fine on GPU
+    assert low_precision(deepspeed_settings(path, use_gpu=True, batch_size=4, workers=1)) == "float16"  # fine on GPU
 
 
 @pytest.mark.parametrize("tree,problem", [
@@ -120,8 +120,10 @@ def fit(task, tmp_path, backend: str, deepspeed_config: str | None = None, **kwa
     features, start = task
     train_cfg = TrainConfig(epochs=2, batch_size=6, lr=LR, num_workers=2, backend=backend,
                             deepspeed_config=deepspeed_config)
-    return train_task(0, features, start, None, STACK, features.features.shape[-1], CACHE_DIR, train_cfg, 0.0,
-                      str(tmp_path / f"ray-{backend}"), seed=7, **kwargs)
+    spec = FitSpec(name="task-000", features=features, start=start, stack=STACK,
+                   visual_width=features.features.shape[-1], cache_dir=CACHE_DIR, train=train_cfg,
+                   storage_url=str(tmp_path / f"ray-{backend}"), seed=7)
+    return fit_projection(spec, **kwargs)
 
 
 def weights(blob: bytes) -> torch.Tensor:
@@ -166,7 +168,7 @@ def test_zero0_fp32_deepspeed_matches_ddp_with_the_same_seed(task, ddp_and_zero0
 
 
 def fail_once_after_first_checkpoint(config: dict, marker: str) -> None:
-    """train_task_loop whose first attempt dies on every rank right after the first epoch's checkpoint."""
+    """fit_worker_loop whose first attempt dies on every rank right after the first epoch's checkpoint."""
     real_report = ray.train.report
 
     def report(metrics, checkpoint=None, **kwargs):
@@ -179,7 +181,7 @@ def fail_once_after_first_checkpoint(config: dict, marker: str) -> None:
 
     ray.train.report = report
     try:
-        train_task_loop(config)
+        fit_worker_loop(config)
     finally:
         ray.train.report = real_report
 

@@ -197,7 +197,7 @@ def ray_cluster():
 
 
 def test_extract_features_end_to_end_and_second_pass_uses_the_cache(ray_cluster, folder, tmp_path, caplog):
-    from cil_platform.datasets import DatasetConfig, load_dataset
+    from cil_platform.data import DatasetConfig, load_dataset
     from cil_platform.features import extract_features
     from gmm_model import ModelStack, create_encoder
 

@@ -6,6 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from cil_platform.class_stats import ClassStatistics
 from cil_platform.features import FeatureTable
 from cil_platform.replay import (ExemplarMemory, NoReplay, PseudoFeatureReplay, herding_order, make_memory, pooled,
                                  sample_replay)
@@ -31,18 +32,26 @@ def test_pooled_flattens_tokens_to_float32():
     assert out[1].tolist() == [6, 7, 8, 9, 10, 11]
 
 
+def pseudo(train: FeatureTable | None = None) -> PseudoFeatureReplay:
+    """Pseudo replay over class statistics learned from `train` (the experiment learns them every task)."""
+    stats = ClassStatistics()
+    if train is not None:
+        stats.learn(train)
+    return PseudoFeatureReplay(stats)
+
+
 def test_pseudo_stats_are_per_class_per_token_mean_and_std():
     a = np.array([[[1, 2, 3], [4, 5, 6]], [[3, 2, 1], [4, 7, 6]]], dtype=np.float16)
     b = np.array([[[10, 10, 10], [0, 0, 0]]], dtype=np.float16)
-    memory = PseudoFeatureReplay()
-    memory.update(table({"cat": a, "dog": b}))
-    mean, std = memory.stats["cat"]
-    assert mean.shape == std.shape == (T, D) and mean.dtype == np.float32
-    np.testing.assert_allclose(mean, [[2, 2, 2], [4, 6, 6]])
-    np.testing.assert_allclose(std, [[1, 0, 1], [0, 1, 0]])
-    np.testing.assert_allclose(memory.stats["dog"][0], b[0])
-    np.testing.assert_allclose(memory.stats["dog"][1], np.zeros((T, D)))
-    assert memory.nbytes == 2 * 2 * T * D * 4  # two classes x (mean + std) x float32
+    memory = pseudo(table({"cat": a, "dog": b}))
+    stats = memory.stats
+    assert stats.mean["cat"].shape == stats.std["cat"].shape == (T, D) and stats.mean["cat"].dtype == np.float32
+    np.testing.assert_allclose(stats.mean["cat"], [[2, 2, 2], [4, 6, 6]])
+    np.testing.assert_allclose(stats.std["cat"], [[1, 0, 1], [0, 1, 0]])
+    np.testing.assert_allclose(stats.mean["dog"], b[0])
+    np.testing.assert_allclose(stats.std["dog"], np.zeros((T, D)))
+    assert memory.nbytes == 0  # the memory holds nothing of its own: the statistics are counted by their owner
+    assert stats.nbytes(memory.stats_parts) == 2 * 2 * T * D * 4  # two classes x (mean + std) x float32
 
     payload = memory.payload()
     assert payload["mode"] == "pseudo"
@@ -50,37 +59,44 @@ def test_pseudo_stats_are_per_class_per_token_mean_and_std():
     assert payload["mean"].shape == payload["std"].shape == (2, T, D)
     np.testing.assert_allclose(payload["mean"][1], b[0])
 
-    memory.update(table({"eel": a[:1]}))  # a later task adds classes, keeps the old ones
+    stats.learn(table({"eel": a[:1]}))  # a later task adds classes, keeps the old ones
     assert memory.payload()["classes"] == ["cat", "dog", "eel"]
-    assert memory.nbytes == 3 * 2 * T * D * 4
+    assert stats.nbytes(memory.stats_parts) == 3 * 2 * T * D * 4
 
 
-def test_class_means_are_the_pseudo_statistics_means_and_survive_a_state_round_trip():
-    """The prior's class means and the replay Gaussians come from the same per-class statistics."""
-    from cil_platform.evaluation import ClassMeans
-
+def test_one_set_of_class_statistics_serves_replay_prior_and_prototypes_and_survives_a_round_trip():
+    """The prior's class means, the replay Gaussians and the prototypes come from the same per-class statistics,
+    stored once: a part used twice is counted once."""
     rng = np.random.default_rng(1)
     interleaved = table({"cat": blob(rng, 3, 0.0), "dog": blob(rng, 2, 5.0)})
     order = np.array([0, 3, 1, 4, 2])  # classes interleaved: dog's rows are not contiguous
     interleaved = FeatureTable(interleaved.features[order], interleaved.labels[order], interleaved.keys[order])
-    means, replay = ClassMeans(), PseudoFeatureReplay()
-    means.learn(interleaved)
-    replay.update(interleaved)
-    assert list(means.means) == list(replay.stats) == ["cat", "dog"]
-    for name in ("cat", "dog"):
-        np.testing.assert_array_equal(means.means[name], replay.stats[name][0])
+    stats = ClassStatistics()
+    stats.learn(interleaved)
+    assert stats.classes == ["cat", "dog"]
+    payload = PseudoFeatureReplay(stats).payload()
+    for index, name in enumerate(("cat", "dog")):
         rows = interleaved.features[interleaved.labels == name].astype(np.float32)
-        np.testing.assert_allclose(means.means[name], rows.mean(0), rtol=1e-6)
-    assert means.matrix(["dog", "cat"]).shape == (2, T, D)
-    np.testing.assert_array_equal(means.matrix(["dog", "cat"])[0], means.means["dog"])
-    restored = ClassMeans()
-    restored.load_state_dict(means.state_dict())
-    np.testing.assert_array_equal(restored.matrix(["cat", "dog"]), means.matrix(["cat", "dog"]))
-    assert restored.memory_bytes == means.memory_bytes == 2 * T * D * 4
+        np.testing.assert_allclose(stats.mean[name], rows.mean(0), rtol=1e-6)
+        np.testing.assert_array_equal(payload["mean"][index], stats.mean[name])
+        pooled_rows = rows.mean(1) / np.linalg.norm(rows.mean(1), axis=1, keepdims=True)
+        expected = pooled_rows.mean(0) / np.linalg.norm(pooled_rows.mean(0))
+        np.testing.assert_allclose(stats.prototype[name], expected, rtol=1e-5)
+    assert stats.matrix("mean", ["dog", "cat"]).shape == (2, T, D)
+    np.testing.assert_array_equal(stats.matrix("mean", ["dog", "cat"])[0], stats.mean["dog"])
+    assert stats.nbytes(["mean", "std", "mean"]) == 2 * 2 * T * D * 4
+    assert stats.nbytes(["prototype"]) == 2 * D * 4
+    with pytest.raises(KeyError, match="eel"):
+        stats.matrix("mean", ["eel"])
+    restored = ClassStatistics()
+    restored.load_state_dict(stats.state_dict())
+    for part in ("mean", "std", "prototype"):
+        np.testing.assert_array_equal(restored.matrix(part, ["cat", "dog"]), stats.matrix(part, ["cat", "dog"]))
+    assert restored.classes == stats.classes
 
 
 def test_empty_memories_have_no_payload_and_no_bytes():
-    for memory in (NoReplay(), PseudoFeatureReplay(), ExemplarMemory(10)):
+    for memory in (NoReplay(), pseudo(), ExemplarMemory(10)):
         assert memory.payload() is None
         assert memory.nbytes == 0
     none = NoReplay()
@@ -129,7 +145,7 @@ def test_random_selection_is_seeded_and_picks_real_members():
     feats = blob(rng, 20, 0)
     picks = []
     for seed in (0, 0, 1):
-        memory = make_memory("exemplar", budget=5, selection="random", seed=seed)
+        memory = make_memory("exemplar", ClassStatistics(), budget=5, selection="random", seed=seed)
         memory.update(table({"a": feats}))
         chosen = memory.per_class["a"]
         assert chosen.shape == (5, T, D)
@@ -182,8 +198,7 @@ def test_sample_replay_from_exemplars_draws_the_requested_count_with_labels():
 def test_pseudo_samples_follow_the_class_statistics():
     rng = np.random.default_rng(5)
     means = {"a": np.array([[0.0, 3.0, -3.0], [1.0, 1.0, 1.0]]), "b": np.array([[10.0, 0, 0], [0, 0, -10]])}
-    memory = PseudoFeatureReplay()
-    memory.update(table({name: (m + 0.5 * rng.standard_normal((400, T, D))) for name, m in means.items()}))
+    memory = pseudo(table({name: (m + 0.5 * rng.standard_normal((400, T, D))) for name, m in means.items()}))
     feats, labels = sample_replay(memory.payload(), 4000, np.random.default_rng(1))
     assert feats.shape == (4000, T, D) and feats.dtype == np.float32
     labels = np.asarray(labels)
@@ -191,8 +206,8 @@ def test_pseudo_samples_follow_the_class_statistics():
     assert 1800 < (labels == "a").sum() < 2200  # classes drawn uniformly
     for name, mean in means.items():
         drawn = feats[labels == name]
-        np.testing.assert_allclose(drawn.mean(0), memory.stats[name][0], atol=0.06)
-        np.testing.assert_allclose(drawn.std(0), memory.stats[name][1], atol=0.06)
+        np.testing.assert_allclose(drawn.mean(0), memory.stats.mean[name], atol=0.06)
+        np.testing.assert_allclose(drawn.std(0), memory.stats.std[name], atol=0.06)
         np.testing.assert_allclose(drawn.mean(0), mean, atol=0.12)
 
 
@@ -200,17 +215,17 @@ def test_sample_replay_with_nothing_to_draw_is_empty():
     rng = np.random.default_rng(0)
     feats, labels = sample_replay(None, 10, rng)
     assert len(feats) == 0 and labels == []
-    memory = PseudoFeatureReplay()
-    memory.update(table({"a": np.ones((2, T, D))}))
+    memory = pseudo(table({"a": np.ones((2, T, D))}))
     feats, labels = sample_replay(memory.payload(), 0, rng)
     assert len(feats) == 0 and labels == []
 
 
 def test_make_memory_modes():
-    assert isinstance(make_memory("none"), NoReplay)
-    assert isinstance(make_memory("pseudo"), PseudoFeatureReplay)
-    memory = make_memory("exemplar", budget=7, selection="random", seed=3)
+    stats = ClassStatistics()
+    assert isinstance(make_memory("none", stats), NoReplay)
+    assert make_memory("pseudo", stats).stats is stats
+    memory = make_memory("exemplar", stats, budget=7, selection="random", seed=3)
     assert isinstance(memory, ExemplarMemory)
     assert (memory.budget, memory.selection) == (7, "random")
     with pytest.raises(ValueError, match="unknown replay mode 'replay-all'"):
-        make_memory("replay-all")
+        make_memory("replay-all", stats)

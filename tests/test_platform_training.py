@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cil_platform.train_worker import shard_batches, warmup_cosine
+from cil_platform.training.worker import shard_batches, warmup_cosine
 
 
 def lrs(total: int, warmup_fraction: float, base: float = 2.0, steps: int | None = None) -> list[float]:

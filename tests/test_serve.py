@@ -2,9 +2,11 @@
 all-MiniLM-L6-v2): the API, bad input, the token, the autoscaling config, and version swaps under load.
 
 One application is started for the whole module (from serve/config.yaml, as `serve deploy` would) on a
-store this module publishes into. Test versions use disjoint class lists and different random projections,
-so a response that paired one version's projection with another's classes would show: every response is
-checked against the prediction computed here, in the test process, for the version it names.
+store this module publishes into. Test versions use disjoint class lists, different random projections and
+(from version 1 on) different random class statistics for the fused rule, while version 0 records the plain
+`trie` rule, so a response that paired one version's projection with another's classes, rule or statistics
+would show: every response is checked against the prediction computed here, in the test process, with
+`gmm_model.classify.classify`, for the version and rule it names.
 """
 from __future__ import annotations
 
@@ -28,25 +30,28 @@ import yaml
 from PIL import Image
 from ray import serve
 
-from cil_platform.store import ProjectionStore
+from cil_platform.paths import DATA_DIR, REPO_ROOT
+from cil_platform.storage.store import ProjectionStore
 from gmm_model import ModelStack, Projection
+from gmm_model.classify import ClassifierStats
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-7f3a"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_BYTES = 64 * 1024
 MAX_PIXELS = 256 * 256
 POLL_S = 1.0
-NAMES = [str(n) for n in np.load(REPO / "data" / "quickdraw345.npz")["class_names"]]
-CLASSES = {v: NAMES[8 * v: 8 * v + 8] for v in range(6)}  # disjoint class lists per version
+NAMES = [str(n) for n in np.load(DATA_DIR / "quickdraw345.npz")["class_names"]]
+CLASSES = {v: NAMES[8 * v: 8 * v + 8] for v in range(7)}  # disjoint class lists per version
 FINGERPRINT = ModelStack().fingerprint
+FUSED = "trie+prior+prototypes"
+RULES = {0: "trie"}  # the rule each version records; every other version: FUSED
 
 
 def drawing_png(index: int) -> bytes:
     """A QuickDraw drawing as the training pipeline sees it: ink 255 on 0 inverted, three channels."""
-    images = np.load(REPO / "data" / "quickdraw345.npz")["images"]
+    images = np.load(DATA_DIR / "quickdraw345.npz")["images"]
     rgb = np.repeat((255 - images[index, 0])[..., None], 3, axis=-1)
     out = io.BytesIO()
     Image.fromarray(rgb).save(out, format="PNG")
@@ -61,8 +66,24 @@ def weights(seed: int) -> bytes:
     return Projection(1280, 576).to_bytes()
 
 
+def rule_of(version: int) -> str:
+    return RULES.get(version, FUSED)
+
+
+def class_stats(version: int) -> ClassifierStats:
+    """What the version publishes: nothing for `trie`; a random prior and random unit prototypes otherwise."""
+    if rule_of(version) == "trie":
+        return ClassifierStats()
+    generator = torch.Generator().manual_seed(200 + version)
+    n = len(CLASSES[version])
+    return ClassifierStats(first_token_prior=torch.randn(n, generator=generator) - 3.0,
+                           prototypes=torch.nn.functional.normalize(torch.randn(n, 1280, generator=generator), dim=1))
+
+
 def publish(store: ProjectionStore, version: int, fingerprint: str = FINGERPRINT):
-    return store.publish(version, weights(100 + version), CLASSES[version], fingerprint)
+    stats = class_stats(version)
+    return store.publish(version, weights(100 + version), CLASSES[version], fingerprint, rule=rule_of(version),
+                         class_stats=stats.to_bytes() if rule_of(version) != "trie" else None)
 
 
 def free_port() -> int:
@@ -95,7 +116,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Server:
-    from serve.app import start
+    from serve.deploy import start
 
     store = ProjectionStore(str(tmp_path_factory.mktemp("serve") / "store"))
     publish(store, 0)
@@ -114,37 +135,42 @@ def server(tmp_path_factory) -> Server:
 
 @pytest.fixture(scope="module")
 def reference():
-    """Expected (label, score) of each test image under each version, computed here with `predict`."""
+    """Expected (label, score) of each test image under each version and rule, computed here with `classify`
+    on the encoder's tokens rounded through float16, as the service (and the feature cache) does."""
     from gmm_model import GMM, create_encoder, create_gmm
-    from gmm_model.predict import predict
+    from gmm_model.classify import classify
     from serve.inputs import decode_image
 
     torch.set_num_threads(1)
     stack = ModelStack()
     encoder = create_encoder(stack)
     base = create_gmm(stack, encoder.width, os.environ.get("GMM_CIL_CACHE", os.path.expanduser("~/.cache/gmm-cil")))
-    visual = encoder.encode([decode_image(image, MAX_PIXELS) for image in IMAGES])
-    cache: dict[int, list[tuple[str, float]]] = {}
+    visual = encoder.encode([decode_image(image, MAX_PIXELS) for image in IMAGES]).half().float()
+    cache: dict[tuple[int, str], list[tuple[str, float]]] = {}
 
-    def expected(version: int) -> list[tuple[str, float]]:
-        if version not in cache:
+    def expected(version: int, rule: str | None = None) -> list[tuple[str, float]]:
+        rule = rule or rule_of(version)
+        if (version, rule) not in cache:
             projection = Projection(1280, 576).load_bytes(weights(100 + version))
             gmm = GMM(base.llm, base.tokenizer, projection, stack.prompt)
-            cache[version] = [(p.label, p.score) for p in predict(gmm, visual, CLASSES[version], "trie")]
-        return cache[version]
+            cache[version, rule] = [(p.label, p.score) for p in classify(gmm, visual, CLASSES[version], rule,
+                                                                         class_stats(version), top_k=8)]
+        return cache[version, rule]
 
     return expected
 
 
-def check_consistent(body: dict, image_index: int, reference) -> None:
-    """The response is exactly what its version's projection says over its version's classes."""
+def check_consistent(body: dict, image_index: int, reference, rule: str | None = None) -> None:
+    """The response is exactly what its version's projection and statistics say over its version's classes,
+    with the version's own rule unless the request asked for `rule`."""
     version = body["version"]
     assert body["task"] == version
+    assert body["rule"] == (rule or rule_of(version))
     classes = CLASSES[version]
     assert body["label"] in classes
     assert [e["label"] for e in body["top_k"]][0] == body["label"]
     assert {e["label"] for e in body["top_k"]} == set(classes)  # top_k = all 8 classes of that version
-    label, score = reference(version)[image_index]
+    label, score = reference(version, rule)[image_index]
     assert body["label"] == label and body["score"] == pytest.approx(score, abs=2e-2), (body, label, score)
 
 
@@ -167,7 +193,8 @@ def test_model_info(server):
     assert response.status_code == 200
     info = response.json()
     assert info["version"] == 0 and info["task"] == 0 and info["seen_classes"] == CLASSES[0]
-    assert info["stack_fingerprint"] == FINGERPRINT and info["decode"] == "trie"
+    assert info["stack_fingerprint"] == FINGERPRINT
+    assert info["rule"] == "trie" and info["rules"] == ["free", "trie"]  # version 0 has no class statistics
 
 
 def test_classify_raw_bytes_and_multipart(server, reference):
@@ -190,11 +217,11 @@ def test_classify_raw_bytes_and_multipart(server, reference):
     assert len(default["top_k"]) == 1
 
 
-def test_free_decoding_goes_through_the_matcher(server):
-    response = server.classify(IMAGES[1], top_k=3, decode="free")
+def test_free_rule_goes_through_the_matcher(server):
+    response = server.classify(IMAGES[1], top_k=3, rule="free")
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["decode"] == "free" and body["version"] == 0 and body["label"] in CLASSES[0]
+    assert body["rule"] == "free" and body["version"] == 0 and body["label"] in CLASSES[0]
     assert body["text"]  # what the LLM wrote; the matcher mapped it to a class
     scores = [e["score"] for e in body["top_k"]]
     assert len(scores) == 3 and all(-1.0 <= s <= 1.0 for s in scores) and scores == sorted(scores, reverse=True)
@@ -235,7 +262,8 @@ def bad_requests(url: str) -> list[tuple[str, dict, int]]:
         ("top_k zero", raw(png, top_k=0), 422),
         ("top_k not a number", raw(png, top_k="many"), 422),
         ("top_k over the limit", raw(png, top_k=10_000), 422),
-        ("unknown decoding", raw(png, decode="beam"), 422),
+        ("unknown rule", raw(png, rule="beam"), 422),
+        ("rule without its statistics", raw(png, rule="trie+prior"), 422),  # version 0 published none
         ("multipart without file", form({"image": ("a.png", png, "image/png")}), 400),
         ("multipart field, no file", form({"file": (None, b"just a string")}), 400),
         ("multipart text file", form({"file": ("a.txt", b"hello", "text/plain")}), 415),
@@ -269,7 +297,7 @@ def test_token_protects_everything_but_healthz(server, method, path):
 # ---- deployment config --------------------------------------------------------------------------------
 
 def test_autoscaling_config_from_the_config_file_is_honoured(server):
-    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    config = yaml.safe_load((REPO_ROOT / "serve" / "config.yaml").read_text())
     declared = {d["name"]: d for d in config["applications"][0]["deployments"]}
     app = serve_details()
     assert app.status == "RUNNING"
@@ -336,7 +364,7 @@ def test_status_reads_are_safe_beside_a_schema_build_in_another_thread(server):
     500: "... is not registered for pickle by value")."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from serve import rollout
+    from serve import deploy
 
     stop = threading.Event()
 
@@ -350,8 +378,8 @@ def test_status_reads_are_safe_beside_a_schema_build_in_another_thread(server):
     def read_status() -> int:
         try:
             for _ in range(150):
-                assert rollout.app_status("gmm-cil") == "RUNNING"
-                rollout.served_version("gmm-cil")
+                assert deploy.app_status("gmm-cil") == "RUNNING"
+                deploy.served_version("gmm-cil")
             return 150
         finally:
             stop.set()
@@ -373,6 +401,7 @@ def test_swap_under_load_by_announcement(server, reference):
         done = time.monotonic()
         time.sleep(3)
     assert announced["version"] == 1 and announced["task"] == 1 and announced["settled"] is True
+    assert announced["rule"] == FUSED
     assert announced["previous"] in (0, 1)  # the store poller may have seen version 1 first
 
     failed = [r for r in load.results if r[3] != 200]
@@ -395,6 +424,17 @@ def test_the_store_is_polled_for_new_versions(server, reference):
     response = server.classify(IMAGES[1])
     assert response.status_code == 200
     check_consistent(response.json(), 1, reference)
+
+
+def test_a_request_may_ask_for_any_rule_the_version_has_statistics_for(server, reference):
+    assert server.served() == 2
+    info = httpx.get(f"{server.url}/v1/model", headers=AUTH, timeout=30).json()
+    assert info["rule"] == FUSED
+    assert info["rules"] == ["free", "trie", "trie+prior", "trie+prototypes", "trie+prior+prototypes"]
+    for rule in ("trie", "trie+prior", "trie+prototypes"):
+        response = server.classify(IMAGES[0], rule=rule)
+        assert response.status_code == 200, response.text
+        check_consistent(response.json(), 0, reference, rule)
 
 
 def test_an_announced_roll_back_stays_until_a_newer_version(server, reference):
@@ -431,7 +471,16 @@ def test_unusable_versions_are_refused(server):
         announce(server.url, 5, TOKEN)
     assert corrupt.value.status == 409 and "sha256" in corrupt.value.detail
 
-    time.sleep(3 * POLL_S)  # the poller saw versions 4 and 5 as the latest and refused them too
+    publish(server.store, 6)
+    stats_file = Path(server.store.root) / "v0006" / "class_stats.safetensors"
+    data = bytearray(stats_file.read_bytes())
+    data[-1] ^= 0xFF  # the class statistics are checked like the weights
+    stats_file.write_bytes(bytes(data))
+    with pytest.raises(AnnounceError) as corrupt_stats:
+        announce(server.url, 6, TOKEN)
+    assert corrupt_stats.value.status == 409 and "class_stats" in corrupt_stats.value.detail
+
+    time.sleep(3 * POLL_S)  # the poller saw versions 4 to 6 as the latest and refused them too
     assert server.served() == 3
     assert server.classify(IMAGES[0]).json()["version"] == 3
 

@@ -14,7 +14,7 @@ import pytest
 from cil_platform.config import ExperimentConfig
 from cil_platform.features import FeatureCache
 from cil_platform.storage import StorageConfig, open_storage
-from cil_platform.store import ProjectionStore
+from cil_platform.storage.store import ProjectionStore
 
 
 # ---------------------------------------------------------------- the resolver
@@ -103,8 +103,8 @@ def test_projection_store_on_s3_publish_load_latest(s3_bucket):
     assert reader.versions() == [] and reader.latest() is None
     writer.publish(0, b"w0" * 100, ["cat", "dog"], "stack")
     assert reader.latest().version == 0  # a reader sees a new version at once (no stale listing)
-    writer.publish(1, b"w1" * 200, ["cat", "dog", "hot dog"], "stack", extra={"replay": "pseudo"})
-    writer.annotate(1, {"accuracy": 0.5})
+    writer.publish(1, b"w1" * 200, ["cat", "dog", "hot dog"], "stack", metrics={"accuracy": 0.5},
+                   extra={"replay": "pseudo"})
     assert reader.versions() == [0, 1]
     manifest, weights = reader.load(1)
     assert weights == b"w1" * 200 and manifest.sha256 == hashlib.sha256(weights).hexdigest()
@@ -164,7 +164,7 @@ def ray_session():
 def test_ray_train_checkpoints_land_on_s3(ray_session, s3_bucket):
     from cil_platform.config import TrainConfig
     from cil_platform.features import FeatureTable
-    from cil_platform.training import train_task
+    from cil_platform.training.fit import FitSpec, fit_projection
     from gmm_model import ModelStack
 
     rng = np.random.default_rng(0)
@@ -172,9 +172,10 @@ def test_ray_train_checkpoints_land_on_s3(ray_session, s3_bucket):
     table = FeatureTable(rng.standard_normal((8, 4, 1280)).astype(np.float16), labels,
                          np.asarray([f"{i:040x}" for i in range(8)], dtype=object))
     cache_dir = str(Path(os.environ.get("GMM_CIL_CACHE", "~/.cache/gmm-cil")).expanduser())
-    result = train_task(0, table, None, None, ModelStack(), 1280, cache_dir,
-                        TrainConfig(epochs=2, batch_size=4, num_workers=1), 0.0,
-                        s3_bucket.url("checkpoints"), seed=0, storage_options=s3_bucket.options)
+    result = fit_projection(FitSpec(name="task-000", features=table, start=None, stack=ModelStack(), visual_width=1280,
+                                    cache_dir=cache_dir, train=TrainConfig(epochs=2, batch_size=4, num_workers=1),
+                                    storage_url=s3_bucket.url("checkpoints"), seed=0,
+                                    storage_options=s3_bucket.options))
 
     objects = s3_bucket.keys("checkpoints")
     saved = sorted(o for o in objects if o.startswith("task-000/") and o.endswith("/projection.safetensors"))

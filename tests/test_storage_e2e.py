@@ -11,9 +11,9 @@ import pytest
 
 from cil_platform.alignment import default_aligned_path, read_aligned
 from cil_platform.config import ExperimentConfig
-from cil_platform.datasets import DatasetConfig, load_dataset
+from cil_platform.data import DatasetConfig, load_dataset
 from cil_platform.experiment import run_experiment
-from cil_platform.store import ProjectionStore
+from cil_platform.storage.store import ProjectionStore
 from gmm_model import ModelStack
 from tests.test_datasets import png_bytes
 

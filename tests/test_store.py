@@ -6,7 +6,7 @@ import uuid
 import fsspec
 import pytest
 
-from cil_platform.store import CorruptEntryError, Manifest, ProjectionStore
+from cil_platform.storage.store import CorruptEntryError, Manifest, ProjectionStore
 
 WEIGHTS = [b"weights-of-task-0" * 10, b"weights-of-task-1" * 20, b"task-2"]
 
@@ -117,29 +117,41 @@ def test_corrupted_weights_raise(url):
     with pytest.raises(CorruptEntryError, match="bytes"):
         store.load(0)
     fs.rm(path)
-    with pytest.raises(CorruptEntryError, match="no weights"):
+    with pytest.raises(CorruptEntryError, match="no projection.safetensors"):
         store.load(0)
     assert issubclass(CorruptEntryError, ValueError)
 
 
-def test_annotate_merges_metrics_and_keeps_weights(url):
+def test_a_version_arrives_complete_with_its_rule_metrics_and_class_statistics(url):
+    """Published once, after evaluation: whoever sees the version sees its metrics and the statistics of its rule."""
     store = ProjectionStore(url)
-    original = store.publish(0, WEIGHTS[0], ["a"], "fp")
-    store.annotate(0, {"overall": 0.5})
-    updated = store.annotate(0, {"seconds": 12.0})
-    assert updated.metrics == {"overall": 0.5, "seconds": 12.0}
+    stats = b"class statistics bytes"
+    published = store.publish(0, WEIGHTS[0], ["a", "b"], "fp", rule="trie+prior+prototypes", class_stats=stats,
+                              metrics={"accuracy": 0.5})
     manifest, blob = store.load(0)
-    assert blob == WEIGHTS[0]
-    assert manifest.metrics == {"overall": 0.5, "seconds": 12.0}
-    assert manifest.sha256 == original.sha256 and manifest.created_at == original.created_at
-    with pytest.raises(FileNotFoundError):
-        store.annotate(7, {"x": 1})
+    assert manifest == published and blob == WEIGHTS[0]
+    assert manifest.rule == "trie+prior+prototypes" and manifest.metrics == {"accuracy": 0.5}
+    assert manifest.class_stats.sha256 == hashlib.sha256(stats).hexdigest()
+    assert store.class_stats(manifest) == stats
+    assert store.class_stats(store.publish(1, WEIGHTS[1], ["a"], "fp")) is None  # the trie rule needs none
+    assert not hasattr(store, "annotate")  # nothing rewrites a published manifest in place
+
+
+def test_damaged_class_statistics_are_refused(url):
+    store = ProjectionStore(url)
+    manifest = store.publish(0, WEIGHTS[0], ["a"], "fp", rule="trie+prior", class_stats=b"prior")
+    path = f"{store.root}/v0000/class_stats.safetensors"
+    store.fs.pipe(path, b"PRIOR")
+    with pytest.raises(CorruptEntryError, match="class_stats.safetensors sha256"):
+        store.class_stats(manifest)
+    store.fs.rm(path)
+    with pytest.raises(CorruptEntryError, match="no class_stats"):
+        store.class_stats(manifest)
 
 
 def test_republish_replaces_the_version(url):
     store = ProjectionStore(url)
-    store.publish(0, WEIGHTS[0], ["a"], "fp")
-    store.annotate(0, {"overall": 0.5})
+    store.publish(0, WEIGHTS[0], ["a"], "fp", metrics={"overall": 0.5})
     store.publish(0, WEIGHTS[2], ["a", "z"], "fp2")
     manifest, blob = store.load(0)
     assert blob == WEIGHTS[2]
@@ -160,9 +172,10 @@ def test_stores_see_each_others_publishes(url):
 
 def test_local_writes_leave_no_temp_files(tmp_path):
     store = ProjectionStore(str(tmp_path))
-    store.publish(0, WEIGHTS[0], ["a"], "fp")
-    store.annotate(0, {"overall": 1.0})
-    assert sorted(os.listdir(tmp_path / "v0000")) == ["manifest.json", "projection.safetensors"]
+    store.publish(0, WEIGHTS[0], ["a"], "fp", rule="trie+prior", class_stats=b"prior")
+    store.publish(0, WEIGHTS[1], ["a"], "fp", rule="trie+prior", class_stats=b"prior")  # re-published
+    assert sorted(os.listdir(tmp_path / "v0000")) == ["class_stats.safetensors", "manifest.json",
+                                                      "projection.safetensors"]
 
 
 def test_local_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
@@ -175,8 +188,9 @@ def test_local_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
-        store.annotate(0, {"overall": 1.0})
+        store.publish(1, WEIGHTS[1], ["a", "b"], "fp")
     assert (tmp_path / "v0000" / "manifest.json").read_bytes() == before
+    assert store.versions() == [0]
     assert sorted(os.listdir(tmp_path / "v0000")) == ["manifest.json", "projection.safetensors"]
 
 

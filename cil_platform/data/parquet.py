@@ -11,7 +11,7 @@ content hash: a fixed order that does not depend on how rows are spread over fil
 Image bytes are fetched from storage once: a first Ray Data pass labels and hashes every row of the
 wanted classes and keeps its bytes in Ray's object store (spilled to local disk when large); the
 driver picks each split's rows from the hashes (exact row counts, caps); decoding is the image-folder
-loader's (`decode_contents`), lazily per split, so corrupt bytes become counted error rows alike.
+loader's (`rows.decode_contents`), lazily per split, so corrupt bytes become counted error rows alike.
 """
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from .datasets import (DatasetConfig, DatasetSplits, LabelledImages, _empty_rows, _in_test, _list_files,
-                       _normalised_names, _presplit, _sha1, _wanted, decode_contents)
-from .storage import open_storage
+from ..storage import open_storage
+from .config import DatasetConfig
+from .listing import in_test, list_files, presplit
+from .rows import DatasetSplits, LabelledImages, decode_contents, empty_rows, normalised_names, sha1, wanted_classes
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,14 @@ def load_parquet(config: DatasetConfig, classes: Sequence[str] | None) -> Datase
 
     columns = config.columns
     raw_labels = sorted({label for ds in reads.values() for label in _distinct(ds, columns.label)})
-    normalised = _normalised_names(raw_labels, config.path)
+    normalised = normalised_names(raw_labels, config.path)
     class_names = sorted(set(normalised.values()))
     if not class_names:
         raise ValueError(f"no labelled rows in parquet dataset {config.path}")
-    wanted = _wanted(classes, class_names)
+    wanted = wanted_classes(classes, class_names)
     source = f"parquet {config.path}"
     if not wanted:  # only the class names were asked for: no image is read
-        return DatasetSplits(_empty_rows(), _empty_rows(), class_names, source, None)
+        return DatasetSplits(empty_rows(), empty_rows(), class_names, source, None)
 
     names = {raw: name for raw, name in normalised.items() if name in wanted}
     needed = [columns.image, columns.label, "path", *([split_column] if split_column else [])]
@@ -76,9 +77,9 @@ def _parquet_files(fs, root: str, url: str) -> dict[str, list[str]]:
         raise FileNotFoundError(f"parquet dataset not found: {url}")
     if fs.isfile(root):
         return {"": [root]}
-    files = sorted(rel for rel in _list_files(fs, root) if rel.endswith(".parquet"))
+    files = sorted(rel for rel in list_files(fs, root) if rel.endswith(".parquet"))
     groups = {split: [rel for rel in files if rel.startswith(f"{split}/")] for split in SPLITS} \
-        if _presplit(fs, root, url) else {"": files}
+        if presplit(fs, root, url) else {"": files}
     for split, members in groups.items():
         if not members:
             raise ValueError(f"no .parquet files in {url}{'/' + split if split else ''}")
@@ -145,13 +146,13 @@ def _label_and_hash(batch: pa.Table, columns, names: dict[str, str], split: str,
     for i, (raw, data) in enumerate(zip(labels, contents)):
         if raw not in names:
             continue
-        key = _sha1(data) if data is not None else ""
+        key = sha1(data) if data is not None else ""
         if split:
             row_split = split
         elif given is not None:
             row_split = str(given[i])
         else:
-            row_split = "test" if _in_test(key, test_fraction) else "train"
+            row_split = "test" if in_test(key, test_fraction) else "train"
         size = len(data) if data is not None else 0
         out["key"].append(key)
         out["label"].append(names[raw])
@@ -180,7 +181,7 @@ def _split_rows(raw: ray.data.Dataset, index, split: str, cap: int | None, max_b
         rows = rows[rows["key"].isin(chosen)]
         keep = pa.array(sorted(chosen), pa.string())
     if len(rows) == 0:
-        return _empty_rows()
+        return empty_rows()
     dataset = raw.map_batches(_decode_split, batch_size=ROWS_PER_DECODE, batch_format="pyarrow",
                               fn_kwargs={"split": split, "keep": keep, "max_bytes": max_bytes})
     return LabelledImages(dataset=dataset, num_rows=len(rows))

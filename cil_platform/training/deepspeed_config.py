@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import REPO_ROOT
+from ..paths import REPO_ROOT
 
 GPU_DEFAULT = "configs/deepspeed/zero2-bf16-gpu.json"
 CPU_DEFAULT = "configs/deepspeed/zero0-fp32-cpu.json"
@@ -71,5 +71,5 @@ def deepspeed_settings(path: str | None, use_gpu: bool, batch_size: int, workers
 
 
 def low_precision(ds: dict) -> str | None:
-    """"bf16", "fp16" or None (fp32): the dtype DeepSpeed keeps the projection in."""
-    return next((name for name in ("bf16", "fp16") if _enabled(ds, name)), None)
+    """"bfloat16", "float16" or None (fp32): the dtype DeepSpeed keeps the projection in, as torch names it."""
+    return next((dtype for section, dtype in (("bf16", "bfloat16"), ("fp16", "float16")) if _enabled(ds, section)), None)

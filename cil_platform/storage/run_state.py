@@ -3,12 +3,12 @@ again (same output_dir) continues after the last completed task instead of start
 
 Layout, under `<run_url>/run_state/` (the output_dir, or `<storage.url>/<name>`; any fsspec URL):
 
-    task-0002/arrays.safetensors   every numpy array of the components' state (replay memory, baselines, prototypes)
+    task-0002/arrays.safetensors   every numpy array of the components' state (class statistics, replay memory, baselines)
     task-0002/state.json           written last, the commit marker: config hash, the store version and sha256 of
                                    the projection, accuracy rows, throughput, the components' other state (JSON),
                                    and the sha256 and size of arrays.safetensors
 
-Both files are written atomically (fsio.atomic_write_bytes), the marker last, like the projection store. A task
+Both files are written atomically (atomic.atomic_write_bytes), the marker last, like the projection store. A task
 directory without a marker, or whose arrays do not match the marker's sha256, is never loaded: the previous
 complete state is used instead. The two newest complete states are kept. The projection itself is not copied:
 it is the store's version of that task, checked against the sha256 recorded here.
@@ -29,22 +29,19 @@ import numpy as np
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
-from .config import CREDENTIAL_FIELDS, ExperimentConfig
-from .fsio import atomic_write_bytes
-from .storage import Storage, join_url, open_storage
+from .atomic import commit_entry, numbered_entries
+from . import Storage, join_url, open_storage
 from .store import CorruptEntryError, Manifest, ProjectionStore
 
 log = logging.getLogger(__name__)
 
 STATE_DIR = "run_state"
-TRAIN_DIR = "ray_train"
+TASK_PREFIX = "task-"  # run_state/task-0002/
+TRAIN_DIR = "ray_train"  # Ray Train's checkpoints, beside the run state (ExperimentConfig.train_storage_url)
 ARRAYS_FILE = "arrays.safetensors"
 MARKER_FILE = "state.json"
 FORMAT = 1
 KEEP = 2  # the newest complete state and one to fall back to
-# Where a run executes, not what it computes: these may change between a run and its resumption (the
-# store may move too: a resumed run checks the sha256 of the projection it continues from).
-NOT_HASHED = ("ray_address", "announce_url", "cache_dir", "output_dir", "store_url", "storage")
 _ARRAY = "__array__"
 
 
@@ -70,18 +67,6 @@ class Resumed:
     throughput: dict
 
 
-def train_storage(cfg: ExperimentConfig) -> str:
-    """Where Ray Train keeps this config's fits (alignment and tasks): `<run_url>/ray_train/<config hash>`."""
-    return join_url(cfg.run_url, TRAIN_DIR, config_hash(cfg)[:16])
-
-
-def config_hash(cfg: ExperimentConfig) -> str:
-    tree = cfg.model_dump(mode="json", exclude=CREDENTIAL_FIELDS)  # credentials and endpoints: where, too
-    for key in NOT_HASHED:
-        tree.pop(key, None)
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
-
-
 class RunState:
     """The persisted progress of the run identified by `run_url`, for one config."""
 
@@ -91,15 +76,11 @@ class RunState:
         self._train_root = join_url(run.path, TRAIN_DIR)
 
     def _dir(self, task: int) -> str:
-        return join_url(self.root, f"task-{task:04d}")
+        return join_url(self.root, f"{TASK_PREFIX}{task:04d}")
 
     def _tasks(self) -> list[int]:
         """Task indices with a state directory (complete or not), newest first."""
-        self.fs.invalidate_cache()
-        if not self.fs.exists(self.root):
-            return []
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
-        return sorted((int(n[5:]) for n in names if n.startswith("task-") and n[5:].isdigit()), reverse=True)
+        return numbered_entries(self.fs, self.root, TASK_PREFIX)[::-1]
 
     def save(self, task: int, projection: Manifest, components: dict[str, Stateful], rows: dict,
              throughput: dict) -> None:
@@ -113,11 +94,7 @@ class RunState:
             "rows": rows, "throughput": throughput, "components": tree,
             "arrays": {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)},
         }
-        directory = self._dir(task)
-        if self.fs.exists(f"{directory}/{MARKER_FILE}"):  # never pair an old marker with new arrays
-            self.fs.rm(f"{directory}/{MARKER_FILE}")
-        atomic_write_bytes(self.fs, f"{directory}/{ARRAYS_FILE}", blob)
-        atomic_write_bytes(self.fs, f"{directory}/{MARKER_FILE}", json.dumps(marker).encode())
+        commit_entry(self.fs, self._dir(task), {ARRAYS_FILE: blob}, MARKER_FILE, json.dumps(marker).encode())
         for old in self._tasks():
             if old > task or old <= task - KEEP:  # newer ones were incomplete: this run replaced them
                 self.fs.rm(self._dir(old), recursive=True)
@@ -161,7 +138,8 @@ class RunState:
         marker, arrays = found
         self._check_config(marker)
         if set(marker["components"]) != set(components):
-            raise RunStateError(f"{self.root}: saved components {sorted(marker['components'])} != {sorted(components)}")
+            raise RunStateError(f"{self.root}: saved components {sorted(marker['components'])} != {sorted(components)} "
+                                "(saved by another version of this code); start fresh (--fresh) to discard it")
         version, sha = marker["projection"]["version"], marker["projection"]["sha256"]
         try:
             manifest, weights = store.load(version)
@@ -204,10 +182,10 @@ def _join(value: Any, arrays: dict[str, np.ndarray]) -> Any:
     return value
 
 
-def open_run_state(cfg: ExperimentConfig, fresh: bool = False) -> RunState:
-    """The run state of `cfg.run_url`; `fresh` discards what is there, else another config's state is an
-    error now, before any work."""
-    run = RunState(open_storage(cfg.run_url, cfg.storage.options), config_hash(cfg))
+def open_run_state(run_url: str, storage_options: dict | None, config_hash: str, fresh: bool = False) -> RunState:
+    """The run state under `run_url` for a config of `config_hash`; `fresh` discards what is there, else another
+    config's state is an error now, before any work."""
+    run = RunState(open_storage(run_url, storage_options), config_hash)
     if fresh:
         run.discard()
     else:

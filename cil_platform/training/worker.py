@@ -1,8 +1,8 @@
-"""The Ray Train worker body of one task's fit (see training.py for the fit itself).
+"""The Ray Train worker body of one projection update (fit.py runs the fit itself).
 
-Kept free of model imports at module level: Ray Train's controller unpickles this function and its config (so it
+Kept free of model imports at module level: Ray Train's controller unpickles this function and its job (so it
 imports this module) only to hand them to the workers, and importing the model package there cost about 4 s of
-every fit. The config carries the model stack as a plain dict for the same reason.
+every fit. The job carries the model stack as a plain dict for the same reason.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import math
 import tempfile
 import time
 from pathlib import Path
+
+from dataclasses import dataclass
 
 import numpy as np
 import ray
@@ -21,7 +23,37 @@ from ray.train import Checkpoint
 # a logger, not print: Ray Train tees a worker's print to stdout and to its log, so each line showed twice
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What every worker of one fit needs (fit.py builds it from a FitSpec)."""
+
+    name: str  # "alignment", "task-003": for log lines
+    stack: dict  # ModelStack.model_dump(): no model import to unpickle it
+    visual_width: int
+    cache_dir: str
+    start: bytes | None  # starting projection
+    features: np.ndarray  # (N, T, D) float16
+    labels: list[str]
+    replay: dict | None
+    replay_ratio: float
+    seed: int
+    threads: int
+    world_size: int
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_fraction: float
+    steps_per_epoch: int
+    backend: str
+    deepspeed: dict | None
+    llm_dtype: str
+
+    @property
+    def log_every(self) -> int:
+        return max(1, self.steps_per_epoch // 4)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
@@ -61,48 +93,48 @@ def shard_batches(count: int, world: int, rank: int, batch_size: int, seed: int)
     return [mine[i: i + batch_size] for i in range(0, per_worker, batch_size)]
 
 
-def train_task_loop(config: dict) -> None:
-    """Ray Train worker body for one task."""
-    from gmm_model import ModelStack, create_gmm
+def fit_worker_loop(config: dict) -> None:
+    """Ray Train worker body: `config` is {"job": WorkerJob}."""
+    from gmm_model import create_gmm
+    from gmm_model.spec import ModelStack
+    from gmm_model.stack import torch_dtype
 
-    from .replay import sample_replay
-    from .train_backends import frozen_llm_check, gather_per_worker, make_backend, worker_memory
+    from ..replay import sample_replay
+    from .backends import frozen_llm_check, gather_per_worker, make_backend, worker_memory
 
-    torch.set_num_threads(config["threads"])
+    job: WorkerJob = config["job"]
+    torch.set_num_threads(job.threads)
     rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(config["seed"])
+    torch.manual_seed(job.seed)
     device = ray.train.torch.get_device()
-    gmm = create_gmm(ModelStack.model_validate(config["stack"]), config["visual_width"], config["cache_dir"],
-                     config["projection"], dtype=DTYPES[config["llm_dtype"]])
+    gmm = create_gmm(ModelStack.model_validate(job.stack), job.visual_width, job.cache_dir, job.start,
+                     dtype=torch_dtype(job.llm_dtype))
     gmm.to(device)
     projection = gmm.projection
-    optimizer = torch.optim.AdamW(projection.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    scheduler = warmup_cosine(optimizer, config["steps_per_epoch"] * config["epochs"], config["warmup_fraction"])
-    backend = make_backend(config["backend"], projection, optimizer, scheduler, config["world_size"],
-                           config["deepspeed"])
+    optimizer = torch.optim.AdamW(projection.parameters(), lr=job.lr, weight_decay=job.weight_decay)
+    scheduler = warmup_cosine(optimizer, job.steps_per_epoch * job.epochs, job.warmup_fraction)
+    backend = make_backend(job.backend, projection, optimizer, scheduler, job.world_size, job.deepspeed)
     gmm.projection = backend.module
     parameters = frozen_llm_check(gmm, optimizer)
     start_epoch = _restore(ray.train.get_checkpoint(), backend)
-    features_all, labels_all = config["features"], config["labels"]
-    world = config["world_size"]
-    for epoch in range(start_epoch, config["epochs"]):
+    for epoch in range(start_epoch, job.epochs):
         losses, images, epoch_start = [], 0, time.perf_counter()
-        rng = np.random.default_rng([config["seed"], rank, epoch])  # per epoch: a restart from epoch k replays alike
-        for rows in shard_batches(len(labels_all), world, rank, config["batch_size"], config["seed"] + epoch):
-            labels = [labels_all[i] for i in rows]
-            features = features_all[rows].astype(np.float32)
-            replay_x, replay_y = sample_replay(config["replay"], round(config["replay_ratio"] * len(labels)), rng)
+        rng = np.random.default_rng([job.seed, rank, epoch])  # per epoch: a restart from epoch k replays alike
+        for rows in shard_batches(len(job.labels), job.world_size, rank, job.batch_size, job.seed + epoch):
+            labels = [job.labels[i] for i in rows]
+            features = job.features[rows].astype(np.float32)
+            replay_x, replay_y = sample_replay(job.replay, round(job.replay_ratio * len(labels)), rng)
             if replay_y:
                 features, labels = np.concatenate([features, replay_x]), labels + replay_y
             loss = gmm.loss(torch.from_numpy(features), labels)
             backend.step(loss)
             losses.append(loss.item())
             images += len(labels)  # new and replayed samples
-            if rank == 0 and len(losses) % config["log_every"] == 0:
-                log.info("task %s epoch %d/%d step %d/%d: loss %.3f", config["task"], epoch + 1, config["epochs"],
-                         len(losses), config["steps_per_epoch"], np.mean(losses[-config["log_every"]:]))
+            if rank == 0 and len(losses) % job.log_every == 0:
+                log.info("%s epoch %d/%d step %d/%d: loss %.3f", job.name, epoch + 1, job.epochs,
+                         len(losses), job.steps_per_epoch, np.mean(losses[-job.log_every:]))
         metrics = {"epoch": epoch, "start_epoch": start_epoch,  # start_epoch > 0: this worker group was restored
                    "loss": float(np.mean(losses)) if losses else float("nan"), "images": images,
                    **parameters, **gather_per_worker({  # epoch_seconds: the steps alone, no start-up or checkpoint
-                       "epoch_seconds": time.perf_counter() - epoch_start, **worker_memory(device, optimizer)}, world)}
+                       "epoch_seconds": time.perf_counter() - epoch_start, **worker_memory(device, optimizer)}, job.world_size)}
         _report(epoch, metrics, backend, rank)

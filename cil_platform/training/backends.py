@@ -1,6 +1,6 @@
 """How a training worker wraps, steps and checkpoints the projection: torch DDP or DeepSpeed.
 
-The loop in training.py is the same for both: it builds the projection, a torch AdamW and the
+The worker body (worker.py) is the same for both: it builds the projection, a torch AdamW and the
 warm-up cosine schedule, hands them to a backend and from then on only calls `step(loss)` and
 `save(directory, epoch, rank)`. Only the projection goes into DDP or the DeepSpeed engine; the
 frozen LLM stays outside it, with no gradients and no optimizer state (`frozen_llm_check`).

@@ -1,6 +1,6 @@
 """The standard on-disk layouts of ImageNet-R, CIFAR-100 and Tiny-ImageNet, from a user-given path.
 
-Each becomes the same two splits of rows as every other source (datasets.py): image files go through
+Each becomes the same two splits of rows as every other source (rows.py): image files go through
 the folder loader's listing, reading and decoding (corrupt files are counted, not fatal); CIFAR-100's
 pickled arrays become in-memory rows keyed by the sha1 of their pixels. Class names are human-readable:
 WordNet ids become their first lemma ("n01443537" -> "goldfish"), CIFAR's "aquarium_fish" becomes
@@ -21,9 +21,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .datasets import (DatasetConfig, DatasetSplits, LabelledImages, _arrays_to_rows, _class_files, _file_splits,
-                       _folder_root, _list_files, _normalised_names, _presplit_class_files, _sha1, _subfolders,
-                       _wanted)
+from .config import DatasetConfig
+from .folder import class_files, file_splits, folder_root, presplit_class_files
+from .listing import list_files, subfolders
+from .rows import DatasetSplits, LabelledImages, arrays_to_rows, normalised_names, sha1, wanted_classes
 
 IMAGENET_R_DIR = "imagenet-r"
 CIFAR100_DIR = "cifar-100-python"
@@ -33,8 +34,8 @@ CIFAR_SIDE = 32
 
 def _layout_root(config: DatasetConfig, folder: str):
     """(fs, root): the configured path, or its sub-folder `folder` when the path is the folder above it."""
-    fs, root = _folder_root(config)
-    if posixpath.basename(root) != folder and folder in _subfolders(fs, root):
+    fs, root = folder_root(config)
+    if posixpath.basename(root) != folder and folder in subfolders(fs, root):
         root = f"{root.rstrip('/')}/{folder}"
     return fs, root
 
@@ -75,7 +76,7 @@ def wordnet_class_names(wnids: Sequence[str], lemmas: dict[str, str], where: str
     first = {w: lemmas[w].split(",")[0].strip() or w for w in wnids}
     counts = Counter(first.values())
     raw = {w: f"{name} ({w})" if counts[name] > 1 else name for w, name in first.items()}
-    normalised = _normalised_names(list(raw.values()), where)
+    normalised = normalised_names(list(raw.values()), where)
     return {w: normalised[name] for w, name in raw.items()}
 
 
@@ -93,7 +94,7 @@ def seeded_split(by_class: dict[str, list[tuple[str, int]]], test_fraction: floa
     train: dict[str, list[tuple[str, int]]] = {}
     test: dict[str, list[tuple[str, int]]] = {}
     for name, members in by_class.items():
-        rng = np.random.default_rng([seed, int(_sha1(name.encode("utf-8"))[:8], 16)])
+        rng = np.random.default_rng([seed, int(sha1(name.encode("utf-8"))[:8], 16)])
         in_test = set(rng.permutation(len(members))[:round(len(members) * test_fraction)].tolist())
         for i, member in enumerate(sorted(members)):
             (test if i in in_test else train).setdefault(name, []).append(member)
@@ -104,15 +105,15 @@ def load_imagenet_r(config: DatasetConfig, classes: Sequence[str] | None) -> Dat
     """imagenet-r/<wnid>/<images> (200 wnids), split per class by `seeded_split`; or a copy already
     split into imagenet-r/train/<wnid>/... and imagenet-r/test/<wnid>/..., used as it is."""
     fs, root = _layout_root(config, IMAGENET_R_DIR)
-    files = _list_files(fs, root)
-    presplit = _presplit_class_files(fs, root, files, config.path)
-    train, test = presplit or seeded_split(_class_files(fs, root, "", files), config.test_fraction,
-                                           config.split_seed)
+    files = list_files(fs, root)
+    split = presplit_class_files(fs, root, files, config.path)
+    train, test = split or seeded_split(class_files(fs, root, "", files), config.test_fraction,
+                                        config.split_seed)
     if not train and not test:
         raise ValueError(f"no images in {config.path}: expected the ImageNet-R layout "
                          f"{IMAGENET_R_DIR}/<wnid>/<images>, e.g. {IMAGENET_R_DIR}/n01443537/art_0.jpg")
     names = wordnet_class_names(sorted(set(train) | set(test)), imagenet_lemmas(), f"ImageNet-R at {config.path}")
-    return _file_splits(fs, root, _renamed(train, names), _renamed(test, names), config, classes,
+    return file_splits(fs, root, _renamed(train, names), _renamed(test, names), config, classes,
                         f"ImageNet-R layout {config.path}")
 
 
@@ -122,14 +123,14 @@ def load_tiny_imagenet(config: DatasetConfig, classes: Sequence[str] | None) -> 
     """tiny-imagenet-200/train/<wnid>/images/*.JPEG is the train split; val/images/*.JPEG, labelled by
     val/val_annotations.txt, is the test split (the official test/ has no labels); words.txt names them."""
     fs, root = _layout_root(config, TINY_IMAGENET_DIR)
-    files = _list_files(fs, root)
+    files = list_files(fs, root)
     where = f"Tiny-ImageNet at {config.path}"
     for needed in ("words.txt", "val/val_annotations.txt"):
         if needed not in files:
             raise FileNotFoundError(f"{needed} missing in {where}: expected {TINY_IMAGENET_DIR}/ with train/, "
                                     "val/images/, val/val_annotations.txt and words.txt")
     train = {wnid: [(rel, size) for rel, size in members if rel.split("/")[2] == "images"]
-             for wnid, members in _class_files(fs, root, "train", files).items()}
+             for wnid, members in class_files(fs, root, "train", files).items()}
     train = {wnid: members for wnid, members in train.items() if members}
     if not train:
         raise ValueError(f"no training images in {where}: expected train/<wnid>/images/<images>")
@@ -151,7 +152,7 @@ def load_tiny_imagenet(config: DatasetConfig, classes: Sequence[str] | None) -> 
         test.setdefault(wnid, []).append((relative, files.get(relative, 0)))
     words = parse_wordnet_words(fs.cat_file(f"{root}/words.txt").decode("utf-8"))
     names = wordnet_class_names(sorted(train), words, f"words.txt of {where}")
-    return _file_splits(fs, root, _renamed(train, names), _renamed({w: sorted(m) for w, m in test.items()}, names),
+    return file_splits(fs, root, _renamed(train, names), _renamed({w: sorted(m) for w, m in test.items()}, names),
                         config, classes, f"Tiny-ImageNet layout {config.path}")
 
 
@@ -191,7 +192,7 @@ def _field(batch: dict[str, object], key: str, path: str):
 def _cifar_rows(fs, path: str, names: list[str], wanted: set[str], per_class: int | None) -> LabelledImages:
     """The wanted classes' images of one CIFAR-100 split pickle, the first `per_class` of each in file order."""
     if not wanted:  # e.g. listing class names: the 150 MB train pickle need not be read
-        return _arrays_to_rows(np.zeros((0, CIFAR_SIDE, CIFAR_SIDE, 3), np.uint8), [], [])
+        return arrays_to_rows(np.zeros((0, CIFAR_SIDE, CIFAR_SIDE, 3), np.uint8), [], [])
     batch = _unpickle(fs, path)
     data = np.asarray(_field(batch, "data", path))
     labels = np.asarray(_field(batch, "fine_labels", path))
@@ -211,7 +212,7 @@ def _cifar_rows(fs, path: str, names: list[str], wanted: set[str], per_class: in
             picked.append(i)
     # rows are stored channel-first (1024 R, 1024 G, 1024 B); images are H x W x 3
     images = np.ascontiguousarray(data[picked].reshape(-1, 3, CIFAR_SIDE, CIFAR_SIDE).transpose(0, 2, 3, 1))
-    return _arrays_to_rows(images, [names[labels[i]] for i in picked], [_sha1(image.tobytes()) for image in images])
+    return arrays_to_rows(images, [names[labels[i]] for i in picked], [sha1(image.tobytes()) for image in images])
 
 
 def load_cifar100(config: DatasetConfig, classes: Sequence[str] | None) -> DatasetSplits:
@@ -227,9 +228,9 @@ def load_cifar100(config: DatasetConfig, classes: Sequence[str] | None) -> Datas
     meta_path = f"{root}/meta"
     raw = [n.decode("latin1") if isinstance(n, bytes) else str(n)
            for n in _field(_unpickle(fs, meta_path), "fine_label_names", meta_path)]
-    normalised = _normalised_names([n.replace("_", " ") for n in raw], meta_path)
+    normalised = normalised_names([n.replace("_", " ") for n in raw], meta_path)
     names = [normalised[n.replace("_", " ")] for n in raw]
-    wanted = _wanted(classes, sorted(names))
+    wanted = wanted_classes(classes, sorted(names))
     return DatasetSplits(
         train=_cifar_rows(fs, f"{root}/train", names, wanted, config.train_per_class),
         test=_cifar_rows(fs, f"{root}/test", names, wanted, config.test_per_class),

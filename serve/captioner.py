@@ -1,0 +1,247 @@
+"""The Captioner deployment: the frozen encoder and LLM, one immutable served version at a time, batched requests.
+
+A version is one store entry. The Captioner turns it into one `ServedVersion`: a GMM sharing the frozen LLM with
+that version's projection, its class list, the decoding rule its metrics were measured with (`manifest.rule`) and
+the class statistics that rule needs (`class_stats.safetensors`: first-token prior, prototypes). They are swapped
+together with a single assignment; a batch reads the reference once and is answered entirely by it, so no response
+pairs one version's projection with another's classes or statistics, and every response names its version and rule.
+
+Prediction is `gmm_model.classify.classify`, the function evaluation uses, with the version's rule unless the
+request asks for another one whose statistics the version has. The encoder's tokens are rounded through float16
+first: evaluation reads them from the feature cache, which stores float16, so the service classifies the same
+numbers the evaluation measured. The `free` rule hands the generated text, with the version's class list, to the
+Matcher deployment through a `TextMatcher` stand-in (`RemoteMatcher`).
+
+Model code (torch, transformers) is imported inside the methods: this module is imported wherever the application
+is built, and the Watcher (which loads no model) uses `read_version` from here.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from gmm_model.rules import Rule
+
+from .settings import CaptionerConfig, default_cache_dir
+
+if TYPE_CHECKING:
+    from cil_platform.storage.store import Manifest, ProjectionStore
+    from gmm_model.classify import ClassifierStats
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class VersionFiles:
+    manifest: "Manifest"
+    rule: Rule
+    weights: bytes
+    class_stats: bytes | None
+
+
+def read_version(store: "ProjectionStore", version: int, stack_fingerprint: str) -> VersionFiles:
+    """A version's files, checked without any model: against its manifest (size and sha256 of the weights and of
+    the class statistics), against the served stack, and its rule (known, with a statistics file when it needs
+    one; what the statistics hold is checked when the Captioner loads them). LookupError: no such committed
+    version; ValueError: one that cannot be served."""
+    from cil_platform.storage.store import CorruptEntryError
+
+    try:
+        manifest, weights = store.load(version)
+        class_stats = store.class_stats(manifest)
+    except FileNotFoundError as error:
+        raise LookupError(str(error)) from None
+    except CorruptEntryError as error:
+        raise ValueError(str(error)) from None
+    if manifest.stack_fingerprint != stack_fingerprint:
+        raise ValueError(f"version {version} was trained for stack {manifest.stack_fingerprint}; "
+                         f"this app serves stack {stack_fingerprint}")
+    try:
+        rule = Rule(manifest.rule)
+    except ValueError:
+        raise ValueError(f"version {version} records the unknown rule {manifest.rule!r}; known: "
+                         f"{', '.join(r.value for r in Rule)}") from None
+    if (rule.prior or rule.prototypes) and class_stats is None:
+        raise ValueError(f"version {version} records the rule {rule.value!r} but no class statistics for it")
+    return VersionFiles(manifest, rule, weights, class_stats)
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """One model version, immutable: its projection (inside `gmm`), classes, rule and statistics travel together."""
+
+    version: int
+    task: int
+    classes: tuple[str, ...]
+    stack_fingerprint: str
+    created_at: str
+    rule: Rule  # the rule its metrics were measured with: what a request gets by default
+    stats: "ClassifierStats"  # the class statistics published with it (one row per class, in class order)
+    rules: tuple[str, ...]  # every rule these statistics allow (always `free` and `trie`)
+    metrics: dict[str, Any]
+    gmm: Any  # gmm_model.GMM sharing the frozen LLM, with this version's projection
+
+
+@dataclass(frozen=True)
+class CaptionJob:
+    image: np.ndarray
+    top_k: int
+    rule: str | None  # None: the version's rule
+
+
+class RemoteMatcher:
+    """A `TextMatcher` stand-in whose similarities come from the Matcher deployment, so the free rule runs through
+    `gmm_model.classify.classify` exactly as in evaluation. Called from the Captioner's compute thread (never its
+    event loop), where blocking on a handle response is allowed."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    def similarities(self, texts: list[str], class_names: list[str]):
+        import torch
+
+        return torch.from_numpy(self.handle.similarities.remote(list(texts), list(class_names)).result())
+
+
+def allowed_rules(stats: "ClassifierStats", num_classes: int) -> tuple[str, ...]:
+    allowed = []
+    for rule in Rule:
+        try:
+            stats.check(rule, num_classes)
+        except ValueError:
+            continue
+        allowed.append(rule.value)
+    return tuple(allowed)
+
+
+@serve.deployment(name="Captioner", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16)
+class Captioner:
+    def __init__(self, store_url: str, storage_options: dict, stack: dict, cache_dir: str | None,
+                 matcher: DeploymentHandle, threads: int = 1):
+        import torch
+
+        from cil_platform.storage.store import ProjectionStore
+        from gmm_model import ModelStack, create_encoder, create_gmm
+
+        torch.set_num_threads(threads)
+        self.stack = ModelStack.model_validate(stack)
+        self.store = ProjectionStore(store_url, storage_options)
+        self.encoder = create_encoder(self.stack).eval()
+        self.base = create_gmm(self.stack, self.encoder.width, cache_dir or default_cache_dir())
+        self.matcher = RemoteMatcher(matcher)
+        self.active: ServedVersion | None = None
+        self.compute = threading.Lock()  # one model computation at a time: a batch, or building a version
+        self.config = CaptionerConfig()
+
+    # ---- versions ----------------------------------------------------------------------------
+    async def reconfigure(self, user_config: dict) -> None:
+        config = CaptionerConfig.model_validate(user_config or {})
+        self._caption.set_max_batch_size(config.max_batch_size)
+        self._caption.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.config = config
+        # off the event loop: requests keep being answered by the current version meanwhile
+        await asyncio.to_thread(self._activate, config.version)
+
+    def _activate(self, version: int | None) -> None:
+        if version is None:
+            latest = self.store.latest()
+            if latest is None:
+                logger.warning("projection store %s has no version yet; /v1/classify answers 503 until one "
+                               "is published", self.store.url)
+                return
+            version = latest.version
+        if self.active is not None and self.active.version == version:
+            return
+        try:
+            served = self._load(version)
+        except Exception:
+            if self.active is None:
+                raise  # a replica without any model must not come up
+            logger.exception("could not load version %s; still serving version %s", version, self.active.version)
+            return
+        self.active = served  # the swap: one reference assignment
+        logger.info("serving version %s (task %s, %s classes, rule %s)", served.version, served.task,
+                    len(served.classes), served.rule.value)
+
+    def _load(self, version: int) -> ServedVersion:
+        from gmm_model import GMM, Projection
+        from gmm_model.classify import ClassifierStats
+
+        files = read_version(self.store, version, self.stack.fingerprint)
+        manifest, rule = files.manifest, files.rule
+        stats = ClassifierStats.from_bytes(files.class_stats) if files.class_stats is not None else ClassifierStats()
+        stats.check(rule, len(manifest.seen_classes))  # a version must at least answer with its own rule
+        base = self.base
+        projection = Projection(base.projection.in_features, base.projection.out_features).load_bytes(files.weights)
+        with self.compute:
+            gmm = GMM(base.llm, base.tokenizer, projection, self.stack.prompt).eval()
+            gmm.prefix_cache(1)  # compute the shared prompt prefix now, not in the first request
+        return ServedVersion(manifest.version, manifest.task, tuple(manifest.seen_classes),
+                             manifest.stack_fingerprint, manifest.created_at, rule, stats,
+                             allowed_rules(stats, len(manifest.seen_classes)), dict(manifest.metrics), gmm)
+
+    def info(self) -> dict | None:
+        served = self.active
+        if served is None:
+            return None
+        return {"version": served.version, "task": served.task, "seen_classes": list(served.classes),
+                "num_classes": len(served.classes), "stack_fingerprint": served.stack_fingerprint,
+                "created_at": served.created_at, "rule": served.rule.value, "rules": list(served.rules),
+                "metrics": served.metrics}
+
+    # ---- prediction --------------------------------------------------------------------------
+    async def caption(self, image: np.ndarray, top_k: int, rule: str | None = None) -> dict:
+        """One image's prediction; or {"error": "no_model" | "unknown_rule" | "rule_unavailable", "detail": ...}."""
+        if self.active is None:
+            return {"error": "no_model"}
+        if rule is not None:
+            try:
+                rule = Rule(rule).value
+            except ValueError:
+                return {"error": "unknown_rule",
+                        "detail": f"unknown rule {rule!r}; use one of {', '.join(r.value for r in Rule)}"}
+        return await self._caption(CaptionJob(image, top_k, rule))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _caption(self, jobs: list[CaptionJob]) -> list[dict]:
+        served = self.active  # read once: this batch is answered by exactly this version
+        if served is None:
+            return [{"error": "no_model"}] * len(jobs)
+        return await asyncio.to_thread(self._run, served, jobs)
+
+    def _run(self, served: ServedVersion, jobs: list[CaptionJob]) -> list[dict]:
+        from gmm_model.classify import classify
+
+        classes = list(served.classes)
+        out: list[dict | None] = [None] * len(jobs)
+        rules = [Rule(job.rule) if job.rule is not None else served.rule for job in jobs]
+        for i, rule in enumerate(rules):
+            if rule.value not in served.rules:  # checked against the version that answers, not the one asked
+                out[i] = {"error": "rule_unavailable",
+                          "detail": f"version {served.version} has no class statistics for rule {rule.value!r} "
+                                    f"(it was measured with {served.rule.value!r}); it answers with "
+                                    f"{', '.join(served.rules)}"}
+        todo = [i for i, result in enumerate(out) if result is None]
+        if todo:
+            with self.compute:
+                # float16, as the feature cache evaluation reads from: the same numbers the metrics were measured on
+                visual = self.encoder.encode([jobs[i].image for i in todo]).half().float()
+                for rule in dict.fromkeys(rules[i] for i in todo):
+                    rows = [n for n, i in enumerate(todo) if rules[i] is rule]
+                    k = max(jobs[todo[n]].top_k for n in rows)
+                    predictions = classify(served.gmm, visual[rows], classes, rule, served.stats,
+                                           self.matcher if rule is Rule.FREE else None, top_k=k)
+                    for n, p in zip(rows, predictions):
+                        job = jobs[todo[n]]
+                        out[todo[n]] = {"label": p.label, "score": p.score, "text": p.text,
+                                        "top_k": [{"label": label, "score": score}
+                                                  for label, score in p.top_k[:job.top_k]],
+                                        "rule": rule.value, "version": served.version, "task": served.task}
+        return out

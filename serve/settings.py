@@ -1,0 +1,68 @@
+"""What the application and its deployments are configured with: the app's `args:` and each deployment's
+user_config (serve/config.yaml). Plain pydantic, no Ray Serve and no model code, so the launcher, the deploy
+tooling and every replica read them cheaply."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .client import TOKEN_ENV
+
+DEFAULT_APP_NAME = "gmm-cil"
+# the deployments whose user_config names the served version (deploy.set_served_version moves them together)
+VERSIONED_DEPLOYMENTS = ("Captioner", "Matcher")
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("GMM_CIL_CACHE", os.path.expanduser("~/.cache/gmm-cil"))
+
+
+class AppArgs(BaseModel):
+    """The application's arguments (`args:` in serve/config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store_url: str = Field(description="projection store URL (local path, file://, s3://...)")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    stack: str | dict[str, Any] = "offline-small"
+    cache_dir: str | None = Field(None, description="de-quantised LLM cache; default $GMM_CIL_CACHE or ~/.cache/gmm-cil")
+    max_image_bytes: int = Field(4 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_top_k: int = Field(50, ge=1)
+    token_sha256: str | None = Field(None, description="sha256 hex of the bearer token; default: $GMM_CIL_SERVE_TOKEN")
+    token_env: str = TOKEN_ENV
+    threads: int = Field(1, ge=1, description="torch threads per model replica")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_app_wide_decoding(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "decode" in data:
+            raise ValueError("args.decode is gone: each version is served with the rule its manifest records "
+                             "(the rule its accuracy was measured with); a request may ask for another with ?rule=")
+        return data
+
+
+class CaptionerConfig(BaseModel):
+    """The Captioner's user_config: changed in place, without restarting replicas."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int | None = Field(None, ge=0, description="store version to serve; None: the latest at start-up")
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+
+
+class MatcherConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int | None = Field(None, ge=0, description="version whose label bank to warm up")
+
+
+class WatcherConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    poll_interval_s: float = Field(10.0, gt=0)
+    follow_latest: bool = Field(True, description="move to every newer committed version the store gets")
+    settle_timeout_s: float = Field(120.0, gt=0)
