@@ -19,7 +19,8 @@ from transformers import DynamicCache
 
 from .label_trie import LabelTrie
 from .projection import Projection
-from .prompt import PromptFormat, PromptTokens
+from .prompt import PromptTokens
+from .spec import PromptFormat
 
 IGNORE = -100
 

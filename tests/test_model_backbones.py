@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from gmm_model import PRESETS, ModelStack, Projection, create_encoder, create_gmm, create_matcher
 from gmm_model.llm import load_frozen_llm, prepare_llm
-from gmm_model.predict import predict
+from gmm_model.classify import classify
 from gmm_model.prompt import chat_format
 from tests.test_model_core import CACHE_DIR
 
@@ -150,8 +150,8 @@ def train_and_predict(stack: ModelStack, cache_dir) -> tuple:
     assert all(p.grad is None for p in gmm.llm.parameters())  # the LLM stayed frozen
 
     with torch.no_grad():
-        trie = predict(gmm, visual, NAMES, mode="trie", top_k=2)
-        free = predict(gmm, visual, NAMES, mode="free", matcher=create_matcher(stack), top_k=2)
+        trie = classify(gmm, visual, NAMES, "trie", top_k=2)
+        free = classify(gmm, visual, NAMES, "free", matcher=create_matcher(stack), top_k=2)
     assert [len(p.top_k) for p in trie + free] == [2] * 4
     assert all(p.label in NAMES for p in trie + free)
     assert all(-1.0 - 1e-5 <= p.score <= 1.0 + 1e-5 for p in free)

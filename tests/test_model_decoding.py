@@ -1,5 +1,5 @@
 """Decoding on the real small stack: batched stopping, the label trie, constrained decoding against a
-brute-force reference, the predict API and the text matcher.
+brute-force reference, the classify API and the text matcher.
 
 To get meaningful (not random) model behaviour without training, some tests use a "text image": the
 projection maps one-hot visual tokens to the LLM's own token embeddings, so an "image" is literally a
@@ -17,7 +17,7 @@ import torch
 from gmm_model import GMM, ModelStack, Projection, PromptFormat, TextMatcher, create_gmm, create_matcher
 from gmm_model.label_trie import LabelTrie
 from gmm_model.model import cut_at_eos, first_tokens, greedy_step
-from gmm_model.predict import predict
+from gmm_model.classify import ClassifierStats, classify
 
 CACHE_DIR = os.environ.get("GMM_CIL_CACHE", os.path.expanduser("~/.cache/gmm-cil"))
 VISUAL_WIDTH = 1280
@@ -226,15 +226,15 @@ def test_first_token_prior_moves_the_first_step_only_where_it_should(gmm):
     assert int(plain.classes[1]) == cat and int(moved.classes[1]) != cat
     assert cat not in moved.classes.tolist()
     assert moved.classes[[0, 2, 3]].tolist() == plain.classes[[0, 2, 3]].tolist()
-    # the same correction through the predict API
-    assert [p.label for p in predict(model, visual, CLASSES, "trie", prior=prior)] == \
+    # the same correction through the classify API
+    assert [p.label for p in classify(model, visual, CLASSES, "trie+prior", ClassifierStats(prior))] == \
         [CLASSES[c] for c in moved.classes.tolist()]
 
 
-# ---- predict -------------------------------------------------------------------------------------
-def test_predict_trie_top_k(gmm):
+# ---- classify ------------------------------------------------------------------------------------
+def test_classify_trie_top_k(gmm):
     model, visual = text_image_gmm(gmm, [" a school bus", " a cat", " a bus stop", " a hot dog"])
-    results = predict(model, visual, CLASSES, mode="trie", top_k=3)
+    results = classify(model, visual, CLASSES, "trie", top_k=3)
     assert [r.label for r in results] == ["school bus", "cat", "bus stop", "hot dog"]
     decoded = model.decode_constrained(visual, model.label_trie(CLASSES))
     for b, r in enumerate(results):
@@ -244,13 +244,13 @@ def test_predict_trie_top_k(gmm):
         assert r.score == pytest.approx(float(decoded.log_prob[b]), abs=1e-5)
         assert r.text == f"This is a photo of a {r.label}."
     # top_k is clamped to the number of classes
-    clamped = predict(model, visual[:1], ["cat", "bus"], mode="trie", top_k=10)[0]
+    clamped = classify(model, visual[:1], ["cat", "bus"], "trie", top_k=10)[0]
     assert len(clamped.top_k) == 2 and {label for label, _ in clamped.top_k} == {"cat", "bus"}
 
 
-def test_predict_free_returns_class_names(gmm, matcher):
+def test_classify_free_returns_class_names(gmm, matcher):
     model, visual = text_image_gmm(gmm, [" a school bus", " a cat"])
-    results = predict(model, visual, CLASSES, mode="free", matcher=matcher, top_k=2)
+    results = classify(model, visual, CLASSES, "free", matcher=matcher, top_k=2)
     for r in results:
         assert r.label in CLASSES
         assert r.label in r.text  # the generated text names the thing the "image" spells out
@@ -260,16 +260,16 @@ def test_predict_free_returns_class_names(gmm, matcher):
     assert [r.label for r in results] == ["school bus", "cat"]
 
 
-def test_predict_errors(gmm, matcher):
+def test_classify_errors(gmm, matcher):
     visual = _visual(1)
-    with pytest.raises(ValueError, match="unknown decoding mode 'beam'"):
-        predict(gmm, visual, CLASSES, mode="beam")
+    with pytest.raises(ValueError, match="'beam' is not a valid Rule"):
+        classify(gmm, visual, CLASSES, "beam")
     with pytest.raises(ValueError, match="no classes"):
-        predict(gmm, visual, [], mode="trie")
+        classify(gmm, visual, [], "trie")
     with pytest.raises(ValueError, match="no classes"):
-        predict(gmm, visual, [], mode="free", matcher=matcher)
+        classify(gmm, visual, [], "free", matcher=matcher)
     with pytest.raises(ValueError, match="needs a matcher"):
-        predict(gmm, visual, CLASSES, mode="free")
+        classify(gmm, visual, CLASSES, "free")
 
 
 # ---- 5. matcher ----------------------------------------------------------------------------------

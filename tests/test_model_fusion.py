@@ -1,7 +1,11 @@
-"""The generative + prototype fusion rule (beyond the paper), on hand-made scores."""
+"""The generative + prototype fusion (beyond the paper) and the first-token prior, on hand-made scores."""
 import torch
 
-from gmm_model.predict import first_token_prior, fuse_with_prototypes, zscore
+from gmm_model.classify import first_token_prior, fused_scores, zscore
+
+
+def fuse_with_prototypes(first_token_log_prob, visual, prototypes):
+    return fused_scores(first_token_log_prob, visual, prototypes).argmax(1)
 
 
 def test_zscore_standardises_rows():
