@@ -7,6 +7,9 @@ their own URL and options (they are often in another bucket or account). Every o
 through `open_storage`, so credentials and endpoints are handled in exactly one place: fsspec for
 our own reads and writes, and pyarrow (which Ray Data and Ray Train take) wrapped around the very
 same fsspec filesystem instead of a second, separately configured client.
+
+atomic.py (atomic writes, committed entries, numbered listings), store.py (the projection store), run_state.py
+(the resumable state of a run) build on it.
 """
 from __future__ import annotations
 
