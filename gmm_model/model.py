@@ -82,9 +82,13 @@ class GMM(nn.Module):
         targets = torch.tensor([a + [IGNORE] * (width - len(a)) for a in answers], device=self.device)
         inputs = torch.cat([prompt, self.llm.get_input_embeddings()(answer_ids)], dim=1)
         hidden = self.llm.base_model(inputs_embeds=inputs, cache=self.prefix_cache(batch)).last_hidden_state
-        # answer token j (at position prompt_len + j) is predicted from position prompt_len + j - 1
-        logits = self.llm.get_output_embeddings()(hidden[:, prompt_len - 1: prompt_len - 1 + width])
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+        # answer token j (at position prompt_len + j) is predicted from position prompt_len + j - 1. The LM head
+        # (a vocabulary-wide matmul, the largest single one) runs on the rows that carry a target only, gathered
+        # into one contiguous (n, H) block: on the strided 3-D slice torch ran it as a batched matmul over an
+        # expanded copy of the weight, about a third of the forward.
+        wanted = targets != IGNORE
+        logits = self.llm.get_output_embeddings()(hidden[:, prompt_len - 1: prompt_len - 1 + width][wanted])
+        return F.cross_entropy(logits.float(), targets[wanted])
 
     # ---- prediction ---------------------------------------------------------------------------
     def _start(self, embeds: torch.Tensor):

@@ -1,0 +1,122 @@
+"""Per-sample training efficiency of GMM on this machine, in one run: how close `GMM.loss` + backward + AdamW gets
+to the machine's own fp32 matmul peak.
+
+    python jobs/throughput_benchmark.py                 # demo stack, batch 16, the machine's cores as threads
+    python jobs/throughput_benchmark.py --threads 1 --batch 8 --steps 20
+
+Prints: the fp32 matmul peak (a 2048^3 matmul, best of several); the analytic FLOPs of one training sample (how
+they are counted is printed with them); samples/s of a plain single-process loop over the real model (forward only,
+and forward + backward + AdamW on the projection); and the fraction of the peak each achieves. The model is the
+stack's real frozen LLM with a fresh projection; inputs are random visual tokens of the encoder's shape with real
+class names of the demo's length, so the cost is the real one (nothing here depends on the weights' values).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from cil_platform.config import load_config  # noqa: E402
+from cil_platform.data import dataset_class_names  # noqa: E402
+from gmm_model import create_encoder, create_gmm  # noqa: E402
+
+
+def matmul_peak(threads: int, size: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 FLOP/s of one size^3 matmul."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size ** 3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def sample_flops(gmm, visual_tokens: int, visual_width: int, names: list[str]) -> tuple[float, str]:
+    """FLOPs of forward + backward for one training sample, counted from the model's shapes.
+
+    Per token after the cached prefix (image tokens, suffix, answer): 2 x the frozen decoder's matmul parameters
+    forward, and as much again backward (the input gradients; the frozen weights get no gradients), plus attention
+    scores and values over the context (2 x 2 x context x width per layer, forward and backward alike). The LM head
+    on the answer positions: 2 x width x vocab per answer token, forward and backward. The projection: 2 x Dv x H per
+    visual token forward, twice that backward (input and weight gradients)."""
+    cfg = gmm.llm.config
+    d, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    kv = d * cfg.num_key_value_heads // cfg.num_attention_heads
+    per_layer = 2 * (d * d + 2 * d * kv + d * d) + 2 * 3 * d * cfg.intermediate_size  # q, k, v, o + gated MLP
+    answer = sum(len(gmm.tokens.answer(n)) for n in names) / len(names)
+    prefix, suffix = len(gmm.tokens.prefix), len(gmm.tokens.suffix)
+    tokens = visual_tokens + suffix + answer
+    context = prefix + tokens / 2  # the mean context a token attends over
+    decoder = tokens * layers * (per_layer + 2 * 2 * context * d)
+    head = answer * 2 * d * vocab
+    projection = visual_tokens * 2 * visual_width * d
+    total = 2 * decoder + 2 * head + 3 * projection
+    how = (f"{tokens:.1f} tokens per sample after a {prefix}-token cached prefix ({visual_tokens} visual, {suffix} "
+           f"suffix, {answer:.1f} answer), {layers} layers of width {d}; decoder {2 * decoder / 1e9:.3f}, LM head "
+           f"{2 * head / 1e9:.3f}, projection {3 * projection / 1e9:.4f} GFLOP (forward + backward)")
+    return total, how
+
+
+def loop_rate(gmm, visual: torch.Tensor, names: list[str], steps: int, train: bool) -> float:
+    """Samples/s of a plain loop: forward (and backward + AdamW on the projection when `train`)."""
+    optimizer = torch.optim.AdamW(gmm.projection.parameters(), lr=1e-3)
+
+    def step():
+        if train:
+            loss = gmm.loss(visual, names)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        else:
+            with torch.no_grad():
+                gmm.loss(visual, names)
+
+    step()  # warm-up: the prefix cache, allocator
+    seconds = _timed(lambda: [step() for _ in range(steps)])
+    return steps * len(names) / seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML experiment config (default: configs/demo.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--batch", type=int, default=16, help="samples per step (the demo: 8 new + 8 replayed)")
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    torch.manual_seed(0)
+    peak = matmul_peak(args.threads)
+    encoder = create_encoder(cfg.stack)
+    gmm = create_gmm(cfg.stack, encoder.width, cfg.cache_dir)
+    torch.set_num_threads(args.threads)
+    classes = dataset_class_names(cfg.dataset)
+    ray.shutdown()  # the listing started a local Ray: its processes must not share the cores being measured
+    names = [classes[i % len(classes)] for i in range(0, args.batch * 7, 7)]
+    visual = torch.randn(args.batch, encoder.num_tokens, encoder.width)
+    flops, how = sample_flops(gmm, encoder.num_tokens, encoder.width, names)
+    forward = loop_rate(gmm, visual, names, args.steps, train=False)
+    train = loop_rate(gmm, visual, names, args.steps, train=True)
+    print(f"threads {args.threads}, batch {args.batch}, {args.steps} steps; load average {os.getloadavg()[0]:.2f}")
+    print(f"fp32 matmul peak (2048^3):            {peak / 1e9:8.1f} GFLOP/s")
+    print(f"FLOPs per training sample (analytic): {flops / 1e9:8.3f} GFLOP  ({how})")
+    print(f"plain loop, forward only:             {forward:8.1f} samples/s")
+    print(f"plain loop, forward+backward+AdamW:   {train:8.1f} samples/s = {train * flops / 1e9:.1f} GFLOP/s "
+          f"= {train * flops / peak:.0%} of the matmul peak")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
