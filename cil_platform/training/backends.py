@@ -38,7 +38,9 @@ class DDPBackend:
     def restore(self, directory: Path) -> int:
         """Load a checkpoint this backend wrote; returns the epoch to start from."""
         self.projection.load_file(directory / PROJECTION_FILE)  # in place: DDP's replicas see it too
-        state = torch.load(directory / STATE_FILE, weights_only=False)
+        # weights_only: a checkpoint on shared storage is data, never code (torch's unpickler refuses anything
+        # but tensors and plain containers); optimizer and LambdaLR states are exactly that
+        state = torch.load(directory / STATE_FILE, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         return state["epoch"] + 1
