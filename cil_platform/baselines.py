@@ -4,6 +4,7 @@
   of prototypes. The prototypes are the run's class statistics (class_stats.py), shared with the fusion.
 - linear_sequential: a linear head trained on each task's data only (shows forgetting).
 - joint: a linear head retrained on all seen classes' data at every task (the upper bound).
+- ridge, ranpac, lda: closed-form classifiers kept as sufficient statistics, exemplar-free (closed_form.py).
 Features are the encoder tokens averaged into one vector (the encoder's global embedding).
 `state_dict` / `load_state_dict` (numpy arrays and JSON values) let a resumed run continue where it stopped.
 """
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .class_stats import ClassStatistics, pooled_unit
+from .closed_form import CLOSED_FORM
 from .features import FeatureTable
 
 
@@ -109,4 +111,6 @@ def make_baseline(name: str, stats: ClassStatistics, seed: int = 0):
         return NearestClassMean(stats)
     if name in ("linear_sequential", "joint"):
         return LinearHead(joint=name == "joint", seed=seed)
-    raise ValueError(f"unknown baseline {name!r}; use ncm, linear_sequential or joint")
+    if name in CLOSED_FORM:
+        return CLOSED_FORM[name](seed=seed)
+    raise ValueError(f"unknown baseline {name!r}; use ncm, linear_sequential, joint, {', '.join(CLOSED_FORM)}")

@@ -86,7 +86,8 @@ class ExperimentConfig(Strict):
     train: TrainConfig = TrainConfig()
     replay: ReplayConfig = ReplayConfig()
     eval: EvalConfig = EvalConfig()
-    baselines: list[Literal["ncm", "linear_sequential", "joint"]] = ["ncm", "linear_sequential", "joint"]
+    baselines: list[Literal["ncm", "linear_sequential", "joint", "ridge", "ranpac", "lda"]] = [
+        "ncm", "linear_sequential", "joint"]
     output_dir: str = "runs/{name}"
     cache_dir: str = Field(default_factory=lambda: os.environ.get("GMM_CIL_CACHE", "~/.cache/gmm-cil"))
     store_url: str | None = Field(None, description="projection store; default <run_url>/store")

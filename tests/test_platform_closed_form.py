@@ -218,3 +218,13 @@ def test_lda_at_full_shrinkage_is_euclidean_nearest_mean(data):
     x, means = pooled_unit(test.features).double(), torch.from_numpy(lda.stats.sums / lda.stats.counts[:, None])
     nearest = torch.cdist(x, means).argmin(1).tolist()
     assert lda.predict(test, CLASSES) == [CLASSES[i] for i in nearest]
+
+
+def test_registered_as_baselines_of_the_experiment():
+    from cil_platform.baselines import make_baseline
+    from cil_platform.config import ExperimentConfig
+
+    for name, kind in CLOSED_FORM.items():
+        made = make_baseline(name, ClassStatistics(), seed=7)
+        assert isinstance(made, kind) and made.name == name and made.seed == 7
+    assert ExperimentConfig(baselines=["ridge", "ranpac", "lda"]).baselines == ["ridge", "ranpac", "lda"]
