@@ -14,10 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cil_platform.alignment import default_aligned_path, write_aligned  # noqa: E402
+from cil_platform.alignment import align_projection, default_aligned_path, write_aligned  # noqa: E402
 from cil_platform.config import load_config  # noqa: E402
 from cil_platform.data import dataset_class_names  # noqa: E402
-from cil_platform.experiment import build_alignment, init_ray  # noqa: E402
+from cil_platform.experiment import init_ray  # noqa: E402
 from gmm_model import create_encoder  # noqa: E402
 
 

@@ -3,6 +3,7 @@ only cil_platform's storage, paths and config, no import cycles, and the modules
 from __future__ import annotations
 
 import ast
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,10 @@ def test_a_config_validates_without_loading_torch_or_transformers():
 def test_what_ray_train_unpickles_does_not_load_transformers():
     """Ray Train's controller imports the worker body's module to unpickle it: a model import there costs every fit."""
     assert "transformers" not in loaded_after("import cil_platform.training.worker")
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "jobs").glob("*.py") if p.name != "__init__.py"))
+def test_every_job_script_imports(script):
+    """A job's imports run only when it is submitted: a name that moved must fail here, not on a cluster."""
+    spec = importlib.util.spec_from_file_location(f"job_{script[:-3]}", REPO / "jobs" / script)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))  # its main() is behind `if __name__ == ...`
