@@ -9,6 +9,8 @@ from cil_platform.baselines import LinearHead, NearestClassMean, embed, make_bas
 from cil_platform.class_stats import ClassStatistics
 from cil_platform.features import FeatureTable
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices (tests/conftest.py)
+
 T, D = 4, 8
 TASKS = [["ant", "bee"], ["cat", "dog"]]
 CLASSES = [c for task in TASKS for c in task]
@@ -27,15 +29,6 @@ def synthetic(per_class: int, seed: int, classes=CLASSES) -> FeatureTable:
     keys = [f"{seed:08x}{i:032x}" for i in range(len(labels))]
     return FeatureTable(np.concatenate(feats).astype(np.float16), np.asarray(labels, dtype=object),
                         np.asarray(keys, dtype=object))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one torch thread is faster than fighting over a busy machine's cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

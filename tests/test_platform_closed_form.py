@@ -13,6 +13,8 @@ from cil_platform.storage import open_storage
 from cil_platform.storage.run_state import RunState
 from cil_platform.storage.store import ProjectionStore
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices (tests/conftest.py)
+
 T, D = 2, 16
 TASKS = [[f"c{3 * t + i}" for i in range(3)] for t in range(3)]
 CLASSES = [c for task in TASKS for c in task]
@@ -21,15 +23,6 @@ CLASSES = [c for task in TASKS for c in task]
 def make(name: str, **kwargs):
     """Small random projection for ranpac: the tests check the algebra, not the capacity."""
     return CLOSED_FORM[name](**({"dim": 64} if name == "ranpac" else {}), **kwargs)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one torch thread is faster than fighting over a busy machine's cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
