@@ -26,11 +26,19 @@ DEFAULT_CONFIG = CONFIGS_DIR / "demo.yaml"
 CREDENTIAL_FIELDS = {"storage": {"options"}, "dataset": {"storage_options"}}
 # Where a run executes, not what it computes: these may change between a run and its resumption (the
 # store may move too: a resumed run checks the sha256 of the projection it continues from).
-NOT_HASHED = ("ray_address", "cache_dir", "output_dir", "store_url", "storage")
+NOT_HASHED = ("ray_address", "cache_dir", "output_dir", "store_url", "storage", "tracking")
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class TrackingConfig(Strict):
+    """Where a run is recorded (not what it computes: kept out of the config hash)."""
+
+    enabled: bool = True
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<output_dir>/mlflow.db")
+    experiment: str | None = Field(None, description="MLflow experiment name; default the run's name")
 
 
 class AlignmentConfig(Strict):
@@ -95,6 +103,7 @@ class ExperimentConfig(Strict):
                                    description="where the run's store, checkpoints and feature cache live, and "
                                                "the fsspec options for all of them (docs/storage.md)")
     ray_address: str | None = None
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow (cil_platform/tracking.py)")
 
     @field_validator("model", mode="before")
     @classmethod

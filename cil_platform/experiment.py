@@ -33,11 +33,13 @@ from .evaluation import EvaluatorPool
 from .features import FeatureTable, features_for
 from .metrics import CLMetrics, evaluate_task
 from .paths import REPO_ROOT
+from .progress import Console
 from .replay import make_memory
 from .report import format_table, write_report
 from .scenario import ClassIncremental, Task, build_scenario
 from .storage.run_state import RunState, open_run_state
 from .storage.store import Manifest, ProjectionStore
+from .tracking import Tracker, start_tracking
 from .training.fit import FitResult, FitSpec, fit_projection
 
 log = logging.getLogger(__name__)
@@ -45,17 +47,25 @@ log = logging.getLogger(__name__)
 OnPublish = Callable[[Manifest], None]  # told of every version as soon as it is in the store (e.g. a serving app)
 
 
+# for every process of a local Ray: no download/loading bars from the Hugging Face libraries in the log
+WORKER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
 def init_ray(address: str | None) -> None:
-    """Connect to `address` / $RAY_ADDRESS (e.g. under `ray job submit`), or start Ray locally."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    """Connect to `address` / $RAY_ADDRESS (e.g. under `ray job submit`), or start Ray locally.
+
+    A local Ray runs its dashboard (on 127.0.0.1): it serves the State API, which Ray Train's placement-group
+    cleaner polls every few seconds to see whether a fit's controller is alive (warning on every poll without it)."""
+    for name, value in WORKER_ENV.items():
+        os.environ.setdefault(name, value)
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         ray.init(address="local",  # a new local instance, never a stray `ray start` cluster on this machine
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_USAGE_STATS_ENABLED": "0"}},
-                 include_dashboard=False, logging_level=logging.WARNING)
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), **WORKER_ENV}},
+                 include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
@@ -108,6 +118,7 @@ class Setup:
     baselines: list
     evaluators: EvaluatorPool
     on_publish: OnPublish | None
+    console: Console  # what the run tells its user (progress.py)
 
     @property
     def rules(self) -> list[Rule]:
@@ -127,10 +138,13 @@ class Setup:
         return {*self.memory.stats_parts, *(["mean"] if rule.prior else []), *(["prototype"] if rule.prototypes else [])}
 
 
-def set_up(cfg: ExperimentConfig, fresh: bool, on_publish: OnPublish | None, started: float) -> Setup:
+def set_up(cfg: ExperimentConfig, fresh: bool, on_publish: OnPublish | None, started: float,
+           console: Console) -> Setup:
+    console.phase("starting Ray")
     init_ray(cfg.ray_address)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     run = open_run_state(cfg.run_url, cfg.storage.options, cfg.config_hash, fresh)
+    console.phase("vision encoder, alignment")
     encoder = create_encoder(cfg.stack)  # the driver's copy: its width and identity (the actor pool encodes)
     all_classes = dataset_class_names(cfg.dataset)
     aligned = resolve_alignment(cfg, all_classes, encoder.width, encoder.identity)
@@ -138,11 +152,13 @@ def set_up(cfg: ExperimentConfig, fresh: bool, on_publish: OnPublish | None, sta
     if cfg.scenario.class_order and held_out & set(cfg.scenario.class_order):
         raise ValueError(f"scenario classes overlap the alignment classes: {sorted(held_out & set(cfg.scenario.class_order))}")
     scenario = build_scenario(cfg.scenario, [c for c in all_classes if c not in held_out], cfg.seed)
+    console.phase("features")
     train, test = features_for(cfg, encoder.identity, scenario.class_order)
-    print(f"{scenario.name}: {len(scenario)} tasks, {len(train)} train / {len(test)} test images, "
-          f"skipped {dict(train.skipped + test.skipped) or 0}; features ready at {time.perf_counter() - started:.0f}s",
-          flush=True)
+    console.say(f"{scenario.name}: {len(scenario)} tasks, {len(train)} train / {len(test)} test images, "
+                  f"skipped {dict(train.skipped + test.skipped) or 0}; features ready at "
+                  f"{time.perf_counter() - started:.0f}s")
     stats = ClassStatistics()
+    console.phase("LLM, evaluators")
     prepare_llm(cfg.stack.llm, cfg.cache_dir)  # once, here: else every trainer and evaluator de-quantises a GGUF
     return Setup(
         cfg=cfg, scenario=scenario, aligned=aligned, visual_width=encoder.width, train=train, test=test,
@@ -151,7 +167,7 @@ def set_up(cfg: ExperimentConfig, fresh: bool, on_publish: OnPublish | None, sta
         baselines=[make_baseline(name, stats, cfg.seed) for name in cfg.baselines],
         evaluators=EvaluatorPool(cfg.eval.actors, cfg.stack, encoder.width, cfg.cache_dir,
                                  matcher=any(r is Rule.FREE for r in cfg.eval.rules), batch_size=cfg.eval.batch_size),
-        on_publish=on_publish)
+        on_publish=on_publish, console=console)
 
 
 def start_or_resume(setup: Setup) -> tuple[Progress, int]:
@@ -164,8 +180,7 @@ def start_or_resume(setup: Setup) -> tuple[Progress, int]:
     progress.projection = resumed.projection
     progress.records = {name: MethodRecord(**record) for name, record in resumed.rows.items()}
     progress.throughput = Throughput(**resumed.throughput)
-    print(f"resuming {setup.cfg.output_dir}: {resumed.next_task} of {len(setup.scenario)} tasks were completed",
-          flush=True)
+    setup.console.say(f"resuming {setup.cfg.output_dir}: {resumed.next_task} of {len(setup.scenario)} tasks were completed")
     return progress, resumed.next_task
 
 
@@ -178,7 +193,7 @@ def fit_task(setup: Setup, task: Task, features: FeatureTable, start: bytes | No
         replay_ratio=cfg.replay.ratio if cfg.replay.mode != "none" else 0.0, storage_options=cfg.storage.options))
 
 
-def run_task(setup: Setup, progress: Progress, task: Task) -> str:
+def run_task(setup: Setup, progress: Progress, task: Task, tracker: Tracker) -> str:
     """Train, evaluate, publish and checkpoint one task; returns its line for the terminal."""
     cfg, tasks = setup.cfg, progress.tasks
     seen = list(task.seen_classes)
@@ -187,8 +202,10 @@ def run_task(setup: Setup, progress: Progress, task: Task) -> str:
     if len(task_train) == 0:
         raise ValueError(f"task {task.index} has no training images for classes {list(task.new_classes)}")
     t0 = time.perf_counter()
+    setup.console.phase("train")
     trained = fit_task(setup, task, task_train, progress.projection)
     t1 = time.perf_counter()
+    setup.console.phase("evaluate")
     setup.stats.learn(task_train)
     rules = setup.rules
     evaluation = setup.evaluators.evaluate(
@@ -201,6 +218,7 @@ def run_task(setup: Setup, progress: Progress, task: Task) -> str:
         task_acc, accuracy[rule] = evaluate_task(evaluation.labels[rule], list(seen_test.labels), tasks)
         progress.records[setup.method_name(rule)].add(task_acc, accuracy[rule], t2 - t0)
     served = cfg.eval.served_rule
+    setup.console.phase("publish")
     published = ClassifierStats(evaluation.stats.first_token_prior if served.prior else None,
                                 evaluation.stats.prototypes if served.prototypes else None)
     manifest = setup.store.publish(
@@ -222,12 +240,16 @@ def run_task(setup: Setup, progress: Progress, task: Task) -> str:
     line = [f"task {task.index + 1}/{len(setup.scenario)}: gmm {accuracy[base]:.1%}"
             + (f" (+prototypes {accuracy[fused[0]]:.1%})" if fused else "")
             + f" (train {t1 - t0:.0f}s, loss {trained.loss:.3f}, eval {t2 - t1:.0f}s)"]
+    setup.console.phase("baselines")
     for baseline in setup.baselines:
         b0 = time.perf_counter()
         baseline.learn(task_train, seen)
         task_acc, overall = evaluate_task(baseline.predict(seen_test, seen), list(seen_test.labels), tasks)
         progress.records[baseline.name].add(task_acc, overall, time.perf_counter() - b0)
         line.append(f"{baseline.name} {overall:.1%}")
+    tracker.log_task(task.index, {"loss": trained.loss, "train_seconds": t1 - t0, "eval_seconds": t2 - t1,
+                                 **{f"accuracy/{name}": r.overall[-1] for name, r in progress.records.items()}})
+    setup.console.phase("checkpoint")
     setup.run.save(task.index, manifest, setup.components, {n: asdict(r) for n, r in progress.records.items()},
                    asdict(throughput))
     return " | ".join(line)
@@ -258,24 +280,33 @@ def summarise(setup: Setup, progress: Progress, seconds: float) -> dict:
     }
 
 
-def run_experiment(cfg: ExperimentConfig, fresh: bool = False, on_publish: OnPublish | None = None) -> dict:
+def run_experiment(cfg: ExperimentConfig, fresh: bool = False, on_publish: OnPublish | None = None,
+                   console: Console | None = None) -> dict:
     """Runs, or resumes after its last completed task, the experiment in cfg.output_dir (see storage/run_state.py);
-    `fresh` discards an earlier run's progress there. `on_publish` is told of every new store version."""
+    `fresh` discards an earlier run's progress there. `on_publish` is told of every new store version; `console`
+    is what the run reports to (default: plain lines on stdout; the command line's draws progress bars)."""
     started = time.perf_counter()
-    setup = set_up(cfg, fresh, on_publish, started)
+    setup = set_up(cfg, fresh, on_publish, started, console or Console())
     progress, next_task = start_or_resume(setup)
+    setup.console.tasks(len(setup.scenario), next_task)
+    tracker = start_tracking(cfg, resume=next_task > 0)  # MLflow (cil_platform/tracking.py)
     try:
         for task in setup.scenario:
             progress.tasks.append(task)
             if task.index >= next_task:
-                line = run_task(setup, progress, task)
-                print(line, f"[{time.perf_counter() - started:.0f}s]", flush=True)
+                line = run_task(setup, progress, task, tracker)
+                setup.console.task_done(f"{line} [{time.perf_counter() - started:.0f}s]")
+    except BaseException as error:
+        tracker.fail(error)
+        raise
     finally:
         setup.evaluators.close()
     results = summarise(setup, progress, time.perf_counter() - started)
     paths = write_report(cfg.output_dir, results)
     if cfg.storage.url:  # and beside the store: the driver's disk may not outlive a cluster
         paths.update({f"{k} (copy)": v for k, v in write_report(cfg.run_url, results, cfg.storage.options).items()})
-    print(format_table(results))
-    print(f"wrote {', '.join(paths.values())} in {results['seconds']:.0f}s")
+    latest = setup.store.latest()
+    tracker.finish([paths["results"], paths["plot"]], latest.model_dump(mode="json") if latest else None)
+    setup.console.say(format_table(results))
+    setup.console.say(f"wrote {', '.join(paths.values())} in {results['seconds']:.0f}s")
     return results

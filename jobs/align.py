@@ -1,9 +1,11 @@
 """Stage-1 alignment: train a stack's starting projection on classes no experiment evaluates on.
 
-    python jobs/align.py                     # offline stack -> assets/aligned/<fingerprint>.safetensors
-    python jobs/align.py --set alignment.epochs=3 --out /tmp/aligned.safetensors
+    gmm-cil align                            # offline stack -> assets/aligned/<fingerprint>.safetensors
+    gmm-cil align --set alignment.epochs=3 --out /tmp/aligned.safetensors
+    python jobs/align.py ...                 # the same, e.g. under `ray job submit --working-dir .`
 
 Experiments read the result (shipped or cached) and draw their classes only from the other classes.
+Ray's and the libraries' output go to <output_dir>/gmm-cil-align.log.
 """
 from __future__ import annotations
 
@@ -14,27 +16,36 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cil_platform.alignment import align_projection, default_aligned_path, write_aligned  # noqa: E402
-from cil_platform.config import load_config  # noqa: E402
-from cil_platform.data import dataset_class_names  # noqa: E402
-from cil_platform.experiment import init_ray  # noqa: E402
-from gmm_model import create_encoder  # noqa: E402
+from cil_platform.cli import check_before_ray, job_parser, job_terminal, load_checked, run_job  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML experiment config (default: configs/demo.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = job_parser(__doc__, prog)
     parser.add_argument("--out", help="where to write (default: the shipped path for the stack)")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    init_ray(cfg.ray_address)
-    start = time.perf_counter()
-    encoder = create_encoder(cfg.stack)
-    aligned = align_projection(cfg, dataset_class_names(cfg.dataset), encoder.width, encoder.identity)
-    out = args.out or str(default_aligned_path(cfg.stack, cfg.cache_dir)[0])
-    write_aligned(out, aligned.weights, aligned.classes, cfg.stack, f"jobs/align.py on {cfg.dataset.kind}")
-    print(f"aligned projection on {len(aligned.classes)} classes -> {out} ({time.perf_counter() - start:.0f}s)")
+    return run_job(parser, argv, run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_checked(args.config, args.overrides)
+    log = Path(cfg.output_dir) / "gmm-cil-align.log"
+    with job_terminal(log, args.verbose) as shown:
+        check_before_ray(cfg, run_state=False)
+        shown.say(f"aligning {cfg.stack.encoder} -> {cfg.stack.llm} on {cfg.alignment.num_classes} classes"
+                  + ("" if args.verbose else f"; log {log}"))
+        from cil_platform.alignment import align_projection, default_aligned_path, write_aligned  # loads Ray
+        from cil_platform.data import dataset_class_names
+        from cil_platform.experiment import init_ray
+        from gmm_model import create_encoder
+
+        init_ray(cfg.ray_address)
+        start = time.perf_counter()
+        shown.phase("encoder")
+        encoder = create_encoder(cfg.stack)
+        shown.phase("features and training")
+        aligned = align_projection(cfg, dataset_class_names(cfg.dataset), encoder.width, encoder.identity)
+        out = args.out or str(default_aligned_path(cfg.stack, cfg.cache_dir)[0])
+        write_aligned(out, aligned.weights, aligned.classes, cfg.stack, f"jobs/align.py on {cfg.dataset.kind}")
+        shown.say(f"aligned projection on {len(aligned.classes)} classes -> {out} ({time.perf_counter() - start:.0f}s)")
     return 0
 
 

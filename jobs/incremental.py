@@ -1,12 +1,13 @@
 """Run one class-incremental experiment.
 
-    python jobs/incremental.py                                   # the demo (configs/demo.yaml)
-    python jobs/incremental.py --config my.yaml --set replay.mode=exemplar --set train.lr=5e-4
+    gmm-cil run                                                  # the demo (configs/demo.yaml)
+    gmm-cil run --config my.yaml --set replay.mode=exemplar --set train.lr=5e-4
     ray job submit --working-dir . -- python jobs/incremental.py --set name=on-cluster
 
 Starts Ray locally unless an address is given (--address or $RAY_ADDRESS, as under `ray job submit`).
 A run is identified by its output_dir (default runs/<name>): running the same job again resumes after the
-last completed task; --fresh starts over (docs/fault_tolerance.md).
+last completed task; --fresh starts over (docs/fault_tolerance.md). The terminal shows a header, progress and a
+line per task; Ray's, the workers' and the libraries' output go to <output_dir>/gmm-cil.log (docs/cli.md).
 """
 from __future__ import annotations
 
@@ -18,36 +19,33 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cil_platform.config import load_config  # noqa: E402
-from cil_platform.experiment import run_experiment  # noqa: E402
-from cil_platform.storage.run_state import ConfigMismatchError  # noqa: E402
+from cil_platform.cli import check_before_ray, header, job_parser, job_terminal, load_checked, run_job  # noqa: E402
+from cil_platform.progress import log_path  # noqa: E402
 from serve.client import TOKEN_ENV, announcer  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML experiment config (default: configs/demo.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set scenario.increment=5 (repeatable)")
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = job_parser(__doc__, prog)
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     parser.add_argument("--announce", metavar="URL", help="a running serve/ app to move to each new version "
                                                           f"(bearer token from ${TOKEN_ENV})")
     parser.add_argument("--fresh", action="store_true",
                         help="discard the progress saved in output_dir instead of resuming after its last task")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_job(parser, argv, run)
+
+
+def run(args: argparse.Namespace) -> int:
     overrides = args.overrides + ([f"ray_address={args.address}"] if args.address else [])
-    try:
-        config = load_config(args.config, overrides)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
-        run_experiment(config, fresh=args.fresh,
+    config = load_checked(args.config, overrides)
+    log = log_path(config.output_dir)
+    with job_terminal(log, args.verbose, truncate=args.fresh) as shown:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        check_before_ray(config, fresh=args.fresh)
+        shown.say(header(config, None if args.verbose else log))
+        from cil_platform.experiment import run_experiment  # loads Ray and the model stack: after the checks
+
+        run_experiment(config, fresh=args.fresh, console=shown,
                        on_publish=announcer(args.announce, os.environ.get(TOKEN_ENV)) if args.announce else None)
-    except ConfigMismatchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     return 0
 
 

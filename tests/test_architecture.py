@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("gmm_model", "cil_platform", "serve", "jobs")
+PACKAGES = ("gmm_model", "cil_platform", "serve", "jobs", "gmm_cil_cli")
 # what serve may use of the platform: where versions live, the repository's own paths, the config parser
 SERVE_MAY_USE = ("cil_platform.storage", "cil_platform.paths", "cil_platform.config")
 
