@@ -67,8 +67,7 @@ class EvalConfig(Strict):
     fuse_prototypes: bool = Field(True, description="trie only: also report the fusion with class prototypes")
     prior_correction: bool = Field(True, description="trie only: subtract the model's first-token prior, "
                                                      "estimated on the seen classes' mean features")
-    batch_size: int = Field(64, ge=1)
-    actors: int = Field(2, ge=1)
+    batch_size: int = Field(64, ge=1, description="test images per forward, on each training worker")
 
     @property
     def rules(self) -> list[Rule]:

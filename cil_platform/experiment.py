@@ -29,7 +29,7 @@ from .baselines import make_baseline
 from .class_stats import ClassStatistics, Part
 from .config import CREDENTIAL_FIELDS, ExperimentConfig
 from .data import dataset_class_names
-from .evaluation import EvaluatorPool
+from .evaluation import evaluate
 from .features import FeatureTable, features_for
 from .metrics import CLMetrics, evaluate_task
 from .paths import REPO_ROOT
@@ -40,7 +40,7 @@ from .scenario import ClassIncremental, Task, build_scenario
 from .storage.run_state import RunState, open_run_state
 from .storage.store import Manifest, ProjectionStore
 from .tracking import Tracker, start_tracking
-from .training.fit import FitResult, FitSpec, fit_projection
+from .training.session import FitResult, SessionSpec, TrainingSession
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ class MethodRecord:
 @dataclass
 class Throughput:
     train_images: float = 0.0
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # on the driver, from posting each update to holding its weights
+    steps_seconds: float = 0.0  # of that, the workers' optimizer steps (the rest: start-up, checkpoints, transfers)
     eval_images: float = 0.0
     eval_seconds: float = 0.0
 
@@ -116,7 +117,7 @@ class Setup:
     stats: ClassStatistics
     memory: object  # a replay memory (replay.py)
     baselines: list
-    evaluators: EvaluatorPool
+    session: TrainingSession  # the experiment's one worker group: trains every task and evaluates it
     on_publish: OnPublish | None
     console: Console  # what the run tells its user (progress.py)
 
@@ -158,15 +159,17 @@ def set_up(cfg: ExperimentConfig, fresh: bool, on_publish: OnPublish | None, sta
                   f"skipped {dict(train.skipped + test.skipped) or 0}; features ready at "
                   f"{time.perf_counter() - started:.0f}s")
     stats = ClassStatistics()
-    console.phase("LLM, evaluators")
+    console.phase("LLM, training workers")
     prepare_llm(cfg.stack.llm, cfg.cache_dir)  # once, here: else every trainer and evaluator de-quantises a GGUF
     return Setup(
         cfg=cfg, scenario=scenario, aligned=aligned, visual_width=encoder.width, train=train, test=test,
         store=ProjectionStore(cfg.store_url, cfg.storage.options), run=run, stats=stats,
         memory=make_memory(cfg.replay.mode, stats, cfg.replay.budget, cfg.replay.selection, cfg.seed),
         baselines=[make_baseline(name, stats, cfg.seed) for name in cfg.baselines],
-        evaluators=EvaluatorPool(cfg.eval.actors, cfg.stack, encoder.width, cfg.cache_dir,
-                                 matcher=any(r is Rule.FREE for r in cfg.eval.rules), batch_size=cfg.eval.batch_size),
+        session=TrainingSession(SessionSpec(
+            name="experiment", stack=cfg.stack, visual_width=encoder.width, cache_dir=cfg.cache_dir, train=cfg.train,
+            storage_url=cfg.train_storage_url, storage_options=cfg.storage.options,
+            max_failures=cfg.train.max_failures)),
         on_publish=on_publish, console=console)
 
 
@@ -186,11 +189,9 @@ def start_or_resume(setup: Setup) -> tuple[Progress, int]:
 
 def fit_task(setup: Setup, task: Task, features: FeatureTable, start: bytes | None) -> FitResult:
     cfg = setup.cfg
-    return fit_projection(FitSpec(
-        name=f"task-{task.index:03d}", features=features, start=start, stack=cfg.stack,
-        visual_width=setup.visual_width, cache_dir=cfg.cache_dir, train=cfg.train, storage_url=cfg.train_storage_url,
-        seed=cfg.seed + 1000 * (task.index + 1), replay=setup.memory.payload(),
-        replay_ratio=cfg.replay.ratio if cfg.replay.mode != "none" else 0.0, storage_options=cfg.storage.options))
+    return setup.session.fit(f"task-{task.index:03d}", features.features, [str(y) for y in features.labels], start,
+                             seed=cfg.seed + 1000 * (task.index + 1), replay=setup.memory.payload(),
+                             replay_ratio=cfg.replay.ratio if cfg.replay.mode != "none" else 0.0)
 
 
 def run_task(setup: Setup, progress: Progress, task: Task, tracker: Tracker) -> str:
@@ -208,8 +209,8 @@ def run_task(setup: Setup, progress: Progress, task: Task, tracker: Tracker) -> 
     setup.console.phase("evaluate")
     setup.stats.learn(task_train)
     rules = setup.rules
-    evaluation = setup.evaluators.evaluate(
-        trained.projection, seen_test, seen, rules,
+    evaluation = evaluate(
+        setup.session, trained.projection, seen_test, seen, rules, cfg.eval.batch_size,
         class_means=setup.stats.matrix("mean", seen) if any(r.prior for r in rules) else None,
         prototypes=setup.stats.matrix("prototype", seen) if any(r.prototypes for r in rules) else None)
     t2 = time.perf_counter()
@@ -234,12 +235,14 @@ def run_task(setup: Setup, progress: Progress, task: Task, tracker: Tracker) -> 
     throughput = progress.throughput
     throughput.train_images += trained.images
     throughput.train_seconds += trained.seconds
+    throughput.steps_seconds += trained.metrics.get("steps_seconds", 0.0)
     throughput.eval_images += len(seen_test)
     throughput.eval_seconds += t2 - t1
     base, *fused = rules
     line = [f"task {task.index + 1}/{len(setup.scenario)}: gmm {accuracy[base]:.1%}"
             + (f" (+prototypes {accuracy[fused[0]]:.1%})" if fused else "")
-            + f" (train {t1 - t0:.0f}s, loss {trained.loss:.3f}, eval {t2 - t1:.0f}s)"]
+            + f" (train {t1 - t0:.0f}s of which steps {trained.metrics.get('steps_seconds', 0):.0f}s, "
+              f"loss {trained.loss:.3f}, eval {t2 - t1:.0f}s)"]
     setup.console.phase("baselines")
     for baseline in setup.baselines:
         b0 = time.perf_counter()
@@ -263,6 +266,7 @@ def summarise(setup: Setup, progress: Progress, seconds: float) -> dict:
         row = methods[setup.method_name(rule)]
         row["memory_bytes"] = setup.memory.nbytes + setup.stats.nbytes(setup.stats_parts(rule))
         row["train_images_per_second"] = throughput.train_images / max(throughput.train_seconds, 1e-9)
+        row["train_overhead_fraction"] = 1 - throughput.steps_seconds / max(throughput.train_seconds, 1e-9)
         row["eval_images_per_second"] = throughput.eval_images / max(throughput.eval_seconds, 1e-9)
     for baseline in setup.baselines:
         methods[baseline.name]["memory_bytes"] = baseline.memory_bytes
@@ -300,7 +304,7 @@ def run_experiment(cfg: ExperimentConfig, fresh: bool = False, on_publish: OnPub
         tracker.fail(error)
         raise
     finally:
-        setup.evaluators.close()
+        setup.session.close()
     results = summarise(setup, progress, time.perf_counter() - started)
     paths = write_report(cfg.output_dir, results)
     if cfg.storage.url:  # and beside the store: the driver's disk may not outlive a cluster

@@ -170,5 +170,5 @@ def features_for(cfg: ExperimentConfig, encoder_identity: str, classes: list[str
     """Cached frozen features of the train and test split of `classes` (computed where missing)."""
     splits = load_dataset(cfg.dataset.model_copy(update=dataset_overrides), classes=classes)
     cache = FeatureCache(cfg.features_url, encoder_identity, cfg.storage.options)
-    train, test = extract_features([splits.train, splits.test], cfg.stack, cache, actors=cfg.eval.actors)
+    train, test = extract_features([splits.train, splits.test], cfg.stack, cache, actors=cfg.dataset.encoder_actors)
     return train, test

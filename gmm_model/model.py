@@ -32,6 +32,13 @@ class ConstrainedPrediction:
     first_token_log_prob: torch.Tensor  # (B, C) log p(first name token of each class): a cheap ranking
 
 
+@dataclass(frozen=True)
+class Continuation:
+    text: str  # what the model wrote after the given answer
+    ended: bool  # it wrote its own end-of-sequence token within the bound (False: cut at the bound)
+    tokens: int  # how many tokens it wrote (the end token not counted)
+
+
 class GMM(nn.Module):
     def __init__(self, llm: nn.Module, tokenizer, projection: Projection, prompt: PromptFormat = PromptFormat()):
         super().__init__()
@@ -44,6 +51,11 @@ class GMM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.llm.get_input_embeddings().weight.device
+
+    @property
+    def llm_width(self) -> int:
+        """The LLM's embedding size: what a projection maps visual tokens to."""
+        return self.llm.get_input_embeddings().embedding_dim
 
     def _embed_ids(self, ids: list[int], batch: int) -> torch.Tensor:
         table = self.llm.get_input_embeddings()
@@ -103,17 +115,54 @@ class GMM(nn.Module):
         """Greedy free generation; each sample stops at its own end-of-sequence token."""
         if max_new_tokens < 1:
             return [""] * visual.shape[0]
-        out = self._start(self.image_embeds(visual))
-        finished = torch.zeros(visual.shape[0], dtype=torch.bool, device=self.device)
+        ids, _ = self._greedy(self._start(self.image_embeds(visual)), visual.shape[0], max_new_tokens)
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+
+    @torch.no_grad()
+    def continue_answers(self, visual: torch.Tensor, answers: list[list[int]],
+                         max_new_tokens: int) -> list[Continuation]:
+        """Teacher-force each sample's answer tokens after its image, then write on greedily until the sample's
+        own end-of-sequence token or `max_new_tokens`. The answer is kept exactly as given (e.g. a trie-decoded
+        label); only what follows it is generated. The end token is not allowed as the very first new token:
+        the projection was trained to stop right after the answer, so without this the model would always
+        write nothing. Samples are batched by answer length, so no padding sits between answer and continuation."""
+        if len(answers) != visual.shape[0]:
+            raise ValueError(f"{len(answers)} answers for {visual.shape[0]} images")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if any(not answer for answer in answers):
+            raise ValueError("every answer needs at least one token to continue from")
+        results: list[Continuation | None] = [None] * len(answers)
+        by_length: dict[int, list[int]] = {}
+        for b, answer in enumerate(answers):
+            by_length.setdefault(len(answer), []).append(b)
+        table = self.llm.get_input_embeddings()
+        for rows in by_length.values():
+            answer_ids = torch.tensor([answers[b] for b in rows], dtype=torch.long, device=self.device)
+            embeds = torch.cat([self.image_embeds(visual[rows]), table(answer_ids)], dim=1)
+            ids, ended = self._greedy(self._start(embeds), len(rows), max_new_tokens, ban_eos_first=True)
+            for b, row, end in zip(rows, ids, ended):
+                results[b] = Continuation(self.tokenizer.decode(row, skip_special_tokens=True).strip(), end, len(row))
+        return results
+
+    def _greedy(self, out, batch: int, max_new_tokens: int,
+                ban_eos_first: bool = False) -> tuple[list[list[int]], list[bool]]:
+        """Greedy steps from a forward's output: each sample's new token ids (cut at its eos) and whether it
+        wrote its eos within the bound."""
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         steps = []
-        for _ in range(max_new_tokens):
-            token, finished = greedy_step(out.logits[:, -1], finished, self.tokens.eos, self.tokenizer.pad_token_id)
+        for step in range(max_new_tokens):
+            logits = out.logits[:, -1]
+            if ban_eos_first and step == 0:
+                logits = logits.clone()
+                logits[:, self.tokens.eos] = float("-inf")
+            token, finished = greedy_step(logits, finished, self.tokens.eos, self.tokenizer.pad_token_id)
             steps.append(token)
             if finished.all():
                 break
             out = self._step(token, out.cache)
         generated = torch.stack(steps, dim=1).tolist()
-        return [self.tokenizer.decode(cut_at_eos(ids, self.tokens.eos), skip_special_tokens=True) for ids in generated]
+        return [cut_at_eos(ids, self.tokens.eos) for ids in generated], finished.tolist()
 
     def label_trie(self, class_names: list[str]) -> LabelTrie:
         """Sequences end with eos, as trained, so a name that is a prefix of another stays reachable."""

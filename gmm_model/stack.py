@@ -64,10 +64,16 @@ def create_gmm(stack: ModelStack, visual_width: int, cache_dir: str | Path,
     `dtype` overrides the stack's llm_dtype.
     """
     llm, tokenizer = load_frozen_llm(stack.llm, cache_dir, dtype or torch_dtype(stack.llm_dtype), stack.llm_quantization)
-    proj = Projection(visual_width, llm.get_input_embeddings().embedding_dim)
-    if projection is not None:
-        proj.load_bytes(projection)
-    elif stack.projection_init:
-        proj.load_pretrained(stack.projection_init)
+    proj = initial_projection(stack, visual_width, llm.get_input_embeddings().embedding_dim, projection)
     prompt = chat_format(stack.prompt, tokenizer) if stack.chat_template else stack.prompt
     return GMM(llm, tokenizer, proj, prompt)
+
+
+def initial_projection(stack: ModelStack, visual_width: int, llm_width: int, weights: bytes | None) -> Projection:
+    """`weights` (safetensors bytes), else the stack's projection_init, else a fresh one (torch's RNG)."""
+    projection = Projection(visual_width, llm_width)
+    if weights is not None:
+        projection.load_bytes(weights)
+    elif stack.projection_init:
+        projection.load_pretrained(stack.projection_init)
+    return projection

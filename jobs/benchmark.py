@@ -15,11 +15,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cil_platform.config import load_config  # noqa: E402
-from cil_platform.evaluation import EvaluatorPool  # noqa: E402
+from cil_platform.evaluation import evaluate  # noqa: E402
 from cil_platform.experiment import run_experiment  # noqa: E402
 from cil_platform.features import features_for  # noqa: E402
 from cil_platform.report import format_table, write_report  # noqa: E402
 from cil_platform.storage.store import ProjectionStore  # noqa: E402
+from cil_platform.training.session import SessionSpec, TrainingSession  # noqa: E402
 from gmm_model import create_encoder  # noqa: E402
 from gmm_model.rules import Rule  # noqa: E402
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(combined))
     for mode, row in combined["decoding"].items():
         print(f"decode={mode}: accuracy {row['accuracy']:.1%} on {row['images']} test images, "
-              f"{row['images_per_second']:.1f} images/s with {row['actors']} actor(s)")
+              f"{row['images_per_second']:.1f} images/s on {row['workers']} worker(s)")
     return 0
 
 
@@ -62,19 +63,18 @@ def compare_decoders(cfg) -> dict:
     encoder = create_encoder(cfg.stack)
     _, test = features_for(cfg, encoder.identity, manifest.seen_classes)
     out = {}
-    for rule in (Rule.TRIE, Rule.FREE):
-        pool = EvaluatorPool(cfg.eval.actors, cfg.stack, encoder.width, cfg.cache_dir, rule is Rule.FREE,
-                             cfg.eval.batch_size)
-        try:
-            pool.evaluate(weights, test.select(manifest.seen_classes[:1]), manifest.seen_classes, [rule])  # warm-up
+    spec = SessionSpec(name="decoders", stack=cfg.stack, visual_width=encoder.width, cache_dir=cfg.cache_dir,
+                       train=cfg.train, storage_url=f"{cfg.output_dir}/decoders")
+    with TrainingSession(spec) as session:  # evaluation runs on a session's workers, as in an experiment
+        for rule in (Rule.TRIE, Rule.FREE):
+            evaluate(session, weights, test.select(manifest.seen_classes[:1]), manifest.seen_classes, [rule],
+                     cfg.eval.batch_size)  # warm-up (and the matcher's load, for free decoding)
             start = time.perf_counter()
-            predicted = pool.evaluate(weights, test, manifest.seen_classes, [rule]).labels[rule]
+            predicted = evaluate(session, weights, test, manifest.seen_classes, [rule], cfg.eval.batch_size).labels[rule]
             seconds = time.perf_counter() - start
-        finally:
-            pool.close()
-        correct = sum(p == y for p, y in zip(predicted, test.labels))
-        out[rule.value] = {"accuracy": correct / len(test), "images": len(test), "seconds": seconds,
-                     "images_per_second": len(test) / seconds, "actors": cfg.eval.actors}
+            correct = sum(p == y for p, y in zip(predicted, test.labels))
+            out[rule.value] = {"accuracy": correct / len(test), "images": len(test), "seconds": seconds,
+                               "images_per_second": len(test) / seconds, "workers": cfg.train.num_workers}
     return out
 
 

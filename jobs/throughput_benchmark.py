@@ -6,7 +6,11 @@ to the machine's own fp32 matmul peak.
 
 Prints: the fp32 matmul peak (a 2048^3 matmul, best of several); the analytic FLOPs of one training sample (how
 they are counted is printed with them); samples/s of a plain single-process loop over the real model (forward only,
-and forward + backward + AdamW on the projection); and the fraction of the peak each achieves. The model is the
+and forward + backward + AdamW on the projection); and the fraction of the peak each achieves. Then the platform:
+one training session (training/session.py, the train config's workers) runs `--tasks` updates of the demo's size
+one after another, and the benchmark prints the session's start-up, each update's steady-state samples/s (its
+optimizer steps alone), its fixed overhead (driver wall minus the steps: posting, checkpoints, returning the
+weights) as a share of its steps, and the effective samples/s (trained samples / the whole wall time). The model is the
 stack's real frozen LLM with a fresh projection; inputs are random visual tokens of the encoder's shape with real
 class names of the demo's length, so the cost is the real one (nothing here depends on the weights' values).
 """
@@ -25,6 +29,8 @@ import torch  # noqa: E402
 
 from cil_platform.config import load_config  # noqa: E402
 from cil_platform.data import dataset_class_names  # noqa: E402
+from cil_platform.experiment import init_ray  # noqa: E402
+from cil_platform.training.session import SessionSpec, TrainingSession  # noqa: E402
 from gmm_model import create_encoder, create_gmm  # noqa: E402
 
 
@@ -88,6 +94,36 @@ def loop_rate(gmm, visual: torch.Tensor, names: list[str], steps: int, train: bo
     return steps * len(names) / seconds
 
 
+def platform_rates(cfg, visual_width: int, tokens: int, classes: list[str], tasks: int, per_task: int) -> dict:
+    """A session of `tasks` updates of `per_task` new images each (random tokens, real names), with pseudo replay
+    at the config's ratio: start-up, per-update steps and overhead, and the effective rate over the whole wall."""
+    import tempfile
+
+    import numpy as np
+
+    init_ray(cfg.ray_address)
+    rng = np.random.default_rng(0)
+    replay = {"mode": "pseudo", "classes": classes[:10], "mean": rng.standard_normal((10, tokens, visual_width),
+              dtype=np.float32), "std": np.ones((10, tokens, visual_width), np.float32)}
+    started = time.perf_counter()
+    updates = []
+    with tempfile.TemporaryDirectory(prefix="throughput-") as storage:
+        spec = SessionSpec(name="throughput", stack=cfg.stack, visual_width=visual_width, cache_dir=cfg.cache_dir,
+                           train=cfg.train, storage_url=storage)
+        with TrainingSession(spec) as session:
+            start = None
+            for task in range(tasks):
+                names = [classes[10 + (task * 10 + i % 10)] for i in range(per_task)]
+                features = rng.standard_normal((per_task, tokens, visual_width)).astype(np.float16)
+                result = session.fit(f"task-{task:03d}", features, names, start, seed=task, replay=replay,
+                                     replay_ratio=cfg.replay.ratio)
+                start = result.projection
+                updates.append(result)
+        wall = time.perf_counter() - started
+    ray.shutdown()
+    return {"wall": wall, "updates": updates, "startup": updates[0].seconds - updates[0].metrics["steps_seconds"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML experiment config (default: configs/demo.yaml)")
@@ -95,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batch", type=int, default=16, help="samples per step (the demo: 8 new + 8 replayed)")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--tasks", type=int, default=4, help="updates in the platform's session (0: skip it)")
+    parser.add_argument("--per-task", type=int, default=160, help="new images per update (the demo: 10 x 16)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     torch.manual_seed(0)
@@ -115,7 +153,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plain loop, forward only:             {forward:8.1f} samples/s")
     print(f"plain loop, forward+backward+AdamW:   {train:8.1f} samples/s = {train * flops / 1e9:.1f} GFLOP/s "
           f"= {train * flops / peak:.0%} of the matmul peak")
+    if args.tasks:
+        platform = platform_rates(cfg, encoder.width, encoder.num_tokens, classes, args.tasks, args.per_task)
+        report_platform(platform, flops, peak, cfg.train.num_workers)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
+
+
+def report_platform(platform: dict, flops: float, peak: float, workers: int) -> None:
+    updates = platform["updates"]
+    print(f"platform: one session, {workers} workers, {len(updates)} updates; start-up (worker group, LLM load, "
+          f"the first update's own overhead) {platform['startup']:.1f} s, once")
+    for i, update in enumerate(updates):
+        steps = update.metrics["steps_seconds"]
+        overhead = update.seconds - steps - (platform["startup"] if i == 0 else 0.0)
+        rate = update.images / steps if steps else float("nan")  # all workers' samples over all epochs' steps
+        print(f"  update {i}: {update.images} samples, steps {steps:.1f} s = {rate:.1f} samples/s "
+              f"({rate * flops / peak:.0%} of the peak), overhead {overhead:.1f} s = {overhead / steps:.1%} of the steps")
+    trained = sum(u.images for u in updates)
+    print(f"  effective: {trained} samples in {platform['wall']:.1f} s wall = {trained / platform['wall']:.1f} samples/s")
+
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
 """Fixtures shared by several test modules."""
+import contextlib
+
 import pytest
 
 from tests.s3 import s3_bucket, s3_server  # noqa: F401  (the local S3 server: tests/s3.py)
@@ -24,3 +26,30 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _a_local_ray_of_its_own():
+    import ray
+
+    from cil_platform.experiment import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(None)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def own_ray():
+    """A local Ray started for this test alone (its processes are this test's descendants: kill tests find them)."""
+    with _a_local_ray_of_its_own():
+        yield
+
+
+@pytest.fixture(scope="module")
+def own_ray_for_module():
+    """As own_ray, shared by the tests of one module."""
+    with _a_local_ray_of_its_own():
+        yield

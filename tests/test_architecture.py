@@ -83,7 +83,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_graph_sees_known_edges(graph):
     """The walker itself: relative, absolute and from-package imports are all found (else the checks prove nothing)."""
     assert "cil_platform.storage" in graph["cil_platform.storage.store"]  # from . import open_storage
-    assert "cil_platform.training.fit" in graph["cil_platform.experiment"]  # from .training.fit import ...
+    assert "cil_platform.training.session" in graph["cil_platform.experiment"]  # from .training.session import ...
     assert "gmm_model.classify" in graph["cil_platform.evaluation"]  # absolute
     assert "cil_platform.experiment" in graph["jobs.incremental"]
 

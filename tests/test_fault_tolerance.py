@@ -24,12 +24,13 @@ from safetensors.torch import load as load_tensors
 
 from cil_platform.class_stats import ClassStatistics
 from cil_platform.config import ExperimentConfig
-from cil_platform.experiment import init_ray
 from cil_platform.features import features_for
 from cil_platform.paths import REPO_ROOT
 from cil_platform.replay import PseudoFeatureReplay
 from cil_platform.storage.store import ProjectionStore
 from cil_platform.training.fit import FitSpec, fit_projection
+from cil_platform.training.session import SessionSpec, TrainingSession
+from cil_platform.training.worker import POSITION_FILE
 from gmm_model import create_encoder
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # `make test-slow`: minutes of multi-process runs each
@@ -47,6 +48,19 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def checkpointed(storage: Path, update: str) -> bool:
+    """Whether a session under `storage` has registered (RAY_TRAIN_SNAPSHOT names it) a checkpoint that ends an
+    epoch of `update`: from then on a restarted worker group or session is handed it."""
+    for position in storage.rglob(POSITION_FILE):  # <storage>/[<config hash>/]<session>/checkpoint_*/
+        snapshot = position.parent.parent / RAY_TRAIN_SNAPSHOT
+        try:
+            if json.loads(position.read_text())["update"] == update and position.parent.name in snapshot.read_text():
+                return True
+        except (OSError, ValueError):  # being written
+            continue
+    return False
+
+
 def ray_train_workers() -> list[psutil.Process]:
     """This test's Ray Train worker processes (descendants of this process: our own Ray instance only)."""
     found = []
@@ -58,14 +72,6 @@ def ray_train_workers() -> list[psutil.Process]:
             continue
     return found
 
-
-@pytest.fixture
-def own_ray():
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(None)
-    yield
-    ray.shutdown()
 
 
 def test_a_killed_training_worker_restarts_from_its_checkpoint_and_matches_an_uninterrupted_fit(tmp_path, own_ray):
@@ -101,9 +107,44 @@ def test_a_killed_training_worker_restarts_from_its_checkpoint_and_matches_an_un
         assert torch.equal(a[name], b[name]), (name, (a[name] - b[name]).abs().max().item())
 
 
+def test_a_worker_killed_in_a_sessions_second_update_resumes_it_and_matches_an_uninterrupted_session(tmp_path, own_ray):
+    """One session, two updates: a worker SIGKILLed after the second update's first checkpoint. The restarted group
+    skips the answered first update, resumes the second from its epoch, and ends with the uninterrupted weights."""
+    cfg = ExperimentConfig(dataset={"kind": "quickdraw", "train_per_class": 12, "test_per_class": 1},
+                           output_dir=str(tmp_path))
+    encoder = create_encoder(cfg.stack)
+    features, _ = features_for(cfg, encoder.identity, ["apple", "cat", "dog"])
+    first_task, second_task = features.select(["apple"]), features.select(["cat", "dog"])
+    train = cfg.train.model_copy(update={"epochs": 3, "batch_size": 4, "num_workers": 2})
+
+    def session_run(storage: Path, kill: bool):
+        spec = SessionSpec(name="experiment", stack=cfg.stack, visual_width=encoder.width, cache_dir=cfg.cache_dir,
+                           train=train, storage_url=str(storage), max_failures=1)
+        with TrainingSession(spec) as session:
+            one = session.fit("task-000", first_task.features, list(first_task.labels), None, seed=1)
+            with ThreadPoolExecutor(1) as pool:
+                future = pool.submit(session.fit, "task-001", second_task.features, list(second_task.labels),
+                                     one.projection, 2)
+                if kill:
+                    wait_for(lambda: checkpointed(storage, "task-001") or future.done(), 600,
+                             "the second update's first checkpoint")
+                    assert not future.done(), "the update ended before it was checkpointed"
+                    victim = ray_train_workers()[0]
+                    victim.send_signal(signal.SIGKILL)
+                    victim.wait(timeout=30)
+                return future.result(timeout=900)
+
+    killed = session_run(tmp_path / "killed", kill=True)
+    assert 1 <= killed.metrics["start_epoch"] <= 2
+    uninterrupted = session_run(tmp_path / "uninterrupted", kill=False)
+    a, b = load_tensors(killed.projection), load_tensors(uninterrupted.projection)
+    for name in a:
+        assert torch.equal(a[name], b[name]), (name, (a[name] - b[name]).abs().max().item())
+
+
 SMALL_RUN = ["--set", "name=resume", "--set", "dataset.train_per_class=8", "--set", "dataset.test_per_class=4",
              "--set", "scenario.num_classes=6", "--set", "scenario.increment=2", "--set", "scenario.order_seed=5",
-             "--set", "train.num_workers=1", "--set", "train.batch_size=4", "--set", "eval.actors=1",
+             "--set", "train.num_workers=1", "--set", "train.batch_size=4",
              "--set", "replay.mode=exemplar", "--set", "replay.selection=random", "--set", "replay.budget=6"]
 
 
@@ -136,10 +177,11 @@ def test_a_killed_driver_resumes_after_its_last_completed_task_with_the_same_res
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(job(out), env=job_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            # task 1 committed (store version and run state), and task 2's Ray Train fit has begun
+            # task 1 committed (store version and run state), and the session has checkpointed task 2's update:
+            # the resumed driver's session must restore that checkpoint, not retrain from task 1's weights
             wait_for(lambda: (out / "run_state" / "task-0000" / "state.json").exists() and
-                     any((out / "ray_train").glob("*/task-001")) or first.poll() is not None, 600,
-                     "task 1 to complete and task 2 to start")
+                     checkpointed(out / "ray_train", "task-001") or first.poll() is not None, 600,
+                     "task 1 to complete and task 2 to be checkpointed")
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             first.send_signal(signal.SIGKILL)
             first.wait(timeout=30)

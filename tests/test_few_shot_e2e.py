@@ -21,7 +21,6 @@ def test_few_shot_run_trains_k_shots_per_session_and_reports_every_session(tmp_p
                      "order_seed": 3},
         "train": {"num_workers": 2, "batch_size": 6, "lr": 2e-3},
         "replay": {"mode": "pseudo"},
-        "eval": {"actors": 1},
         "baselines": ["ncm", "joint"],
         "output_dir": str(tmp_path / "run"),
     })

@@ -28,7 +28,7 @@ def test_job_submit_runs_the_experiment_on_the_cluster(head_node, tmp_path):
                "--set", "scenario.num_classes=4", "--set", "scenario.increment=2",
                "--set", "train.num_workers=1", "--set", "train.threads_per_worker=2", "--set", "train.batch_size=8",
                "--set", "replay.mode=exemplar", "--set", "replay.budget=8", "--set", "eval.decode=free",
-               "--set", "eval.actors=1", "--set", "baselines=[ncm]"]
+               "--set", "baselines=[ncm]"]
     done = head_node.submit(*command, working_dir=REPO, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout

@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # `make test-slow`: minutes of
 # 2 tasks of 2 QuickDraw classes, 8 training / 4 test drawings each; no baselines (not what this test is about)
 OVERRIDES = ["name=two-nodes", "seed=7", "dataset.train_per_class=8", "dataset.test_per_class=4",
              "scenario.num_classes=4", "scenario.increment=2", "train.num_workers=2", "train.threads_per_worker=1",
-             "train.batch_size=4", "train.placement_strategy=SPREAD", "eval.actors=1", "baselines=[]"]
+             "train.batch_size=4", "train.placement_strategy=SPREAD", "baselines=[]"]
 
 
 def run_single_node(config: ExperimentConfig) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 import ray
 
 from cil_platform.config import ExperimentConfig
@@ -33,7 +34,6 @@ def small_config(tmp_path, **overrides) -> ExperimentConfig:
         "scenario": {"num_classes": 4, "initial": 0, "increment": 2, "order_seed": 3},
         "train": {"num_workers": 2, "batch_size": 6, "lr": 2e-3},
         "replay": {"mode": "pseudo"},
-        "eval": {"actors": 1},
         "output_dir": str(tmp_path / "run"),
     }
     for key, value in overrides.items():
@@ -148,9 +148,9 @@ def test_the_service_answers_each_test_image_as_the_evaluation_did(announced_run
     """The served classifier is the measured one: every test image of the final version, sent as a PNG, gets the
     label the evaluation's own code gives its cached features with the version's rule and class statistics."""
     from cil_platform.data import load_dataset
-    from cil_platform.evaluation import Evaluator
+    from cil_platform.evaluation import predict
     from cil_platform.features import FeatureCache
-    from gmm_model import create_encoder
+    from gmm_model import create_encoder, create_gmm
     from gmm_model.classify import ClassifierStats
     from gmm_model.rules import Rule
 
@@ -166,9 +166,9 @@ def test_the_service_answers_each_test_image_as_the_evaluation_did(announced_run
     encoder = create_encoder(cfg.stack)
     cached = FeatureCache(cfg.features_url, encoder.identity, cfg.storage.options).load_all()
     features = np.stack([cached[row["key"]] for row in rows])
-    evaluator = Evaluator(cfg.stack.model_dump(), encoder.width, cfg.cache_dir, matcher=False)
-    evaluator.set_projection(weights)
-    expected = evaluator.predict(features, classes, cfg.eval.batch_size, [rule], stats)[rule]
+    gmm = create_gmm(cfg.stack, encoder.width, cfg.cache_dir, weights)
+    with torch.no_grad():
+        expected = predict(gmm, None, features, classes, cfg.eval.batch_size, [rule], stats)[rule]
     # the same images as the evaluation of task 1: the recomputation reproduces the accuracy it recorded
     accuracy = np.mean([label == row["label"] for label, row in zip(expected, rows)])
     assert accuracy == pytest.approx(manifest.metrics["accuracy"])

@@ -18,7 +18,7 @@ from cil_platform.data import DatasetConfig, dataset_class_names, load_dataset
 from cil_platform.training.deepspeed_config import deepspeed_config_path, deepspeed_settings, low_precision
 from cil_platform.experiment import init_ray
 from cil_platform.features import FeatureTable
-from cil_platform.training.worker import fit_worker_loop
+from cil_platform.training.worker import session_worker_loop
 from cil_platform.training.fit import FitSpec, fit_projection
 from gmm_model import ModelStack, Projection, create_encoder, create_gmm
 
@@ -168,7 +168,7 @@ def test_zero0_fp32_deepspeed_matches_ddp_with_the_same_seed(task, ddp_and_zero0
 
 
 def fail_once_after_first_checkpoint(config: dict, marker: str) -> None:
-    """fit_worker_loop whose first attempt dies on every rank right after the first epoch's checkpoint."""
+    """session_worker_loop whose first attempt dies on every rank right after the first epoch's checkpoint."""
     real_report = ray.train.report
 
     def report(metrics, checkpoint=None, **kwargs):
@@ -181,7 +181,7 @@ def fail_once_after_first_checkpoint(config: dict, marker: str) -> None:
 
     ray.train.report = report
     try:
-        fit_worker_loop(config)
+        session_worker_loop(config)
     finally:
         ray.train.report = real_report
 

@@ -49,7 +49,7 @@ def test_experiment_with_data_cache_checkpoints_and_store_on_s3(s3_bucket, tmp_p
         "scenario": {"num_classes": 4, "increment": 2, "class_order": classes},
         "train": {"num_workers": 2, "batch_size": 6, "lr": 2e-3},
         "replay": {"mode": "pseudo"},
-        "eval": {"actors": 1, "fuse_prototypes": False},
+        "eval": {"fuse_prototypes": False},
         "baselines": [],
         "output_dir": str(tmp_path / "run"),
         "storage": {"url": s3_bucket.url("gmm-cil"), "options": s3_bucket.options},

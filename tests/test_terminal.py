@@ -104,8 +104,7 @@ def test_without_a_terminal_the_console_prints_lines_only(tmp_path):
 
 
 SMALL_RUN = ["--set", "name=smoke", "--set", "dataset.train_per_class=12", "--set", "dataset.test_per_class=6",
-             "--set", "scenario.num_classes=4", "--set", "scenario.increment=2", "--set", "train.batch_size=6",
-             "--set", "eval.actors=1"]
+             "--set", "scenario.num_classes=4", "--set", "scenario.increment=2", "--set", "train.batch_size=6"]
 
 
 @pytest.mark.e2e

@@ -29,5 +29,7 @@ class DatasetConfig(pydantic.BaseModel):
     test_fraction: float = pydantic.Field(default=0.2, ge=0.0, le=1.0)  # folder/imagenet_r without train/, test/
     split_seed: int = 1993  # imagenet_r without train/ and test/: seeds its exact per-class split
     max_image_bytes: int = pydantic.Field(default=20_000_000, gt=0)
-    storage_options: dict[str, Any] = {}  # fsspec options for the path's URL (e.g. s3 endpoint, credentials)
+    encoder_actors: int = pydantic.Field(default=2, ge=1)  # Ray Data actors encoding images into the feature cache
+    # fsspec options for the path's URL (e.g. s3 endpoint, credentials): never in repr() (nor in logs of it)
+    storage_options: dict[str, Any] = pydantic.Field(default_factory=dict, repr=False)
     columns: ParquetColumns = ParquetColumns()  # parquet only

@@ -51,6 +51,9 @@ class DDPBackend:
         self.optimizer.step()
         self.scheduler.step()
 
+    def full_projection_bytes(self) -> bytes:
+        return self.projection.to_bytes()
+
     def save(self, directory: Path, epoch: int, rank: int) -> None:
         if rank != 0:  # every rank holds the same replicated state
             return
@@ -91,21 +94,22 @@ class DeepSpeedBackend:
     def save(self, directory: Path, epoch: int, rank: int) -> None:
         self.engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, client_state={"epoch": epoch},
                                     save_latest=False)
-        weights = self.full_fp32_weights()  # a collective under ZeRO: every rank takes part
+        weights = self.full_projection_bytes()  # a collective under ZeRO: every rank takes part
         if rank == 0:
-            snapshot = Projection(*self._shape)
-            snapshot.load_state_dict(weights)
-            snapshot.save_file(directory / PROJECTION_FILE)
+            (directory / PROJECTION_FILE).write_bytes(weights)
 
-    def full_fp32_weights(self) -> dict[str, torch.Tensor]:
-        """The whole projection in fp32: DeepSpeed's master copy under bf16/fp16 or ZeRO, else the module's own."""
+    def full_projection_bytes(self) -> bytes:
+        """The whole projection in fp32 as safetensors: DeepSpeed's master copy under bf16/fp16 or ZeRO, else the
+        module's own. A collective under ZeRO-3: every rank must call it."""
         from deepspeed.utils import safe_get_full_fp32_param
 
+        snapshot = Projection(*self._shape)
         weights = {}
         for name, param in self.engine.module.named_parameters():
             full = safe_get_full_fp32_param(param)
             weights[name] = (param if full is None else full).detach().float().cpu()
-        return weights
+        snapshot.load_state_dict(weights)
+        return snapshot.to_bytes()
 
 
 def make_backend(name: str, projection: Projection, optimizer, scheduler, world_size: int,

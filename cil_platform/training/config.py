@@ -1,4 +1,4 @@
-"""How one projection update is run: optimizer, batch geometry, workers, placement and the backend (DDP or DeepSpeed).
+"""How projection updates are run: optimizer, batch geometry, workers, placement and the backend (DDP or DeepSpeed).
 
 Validated when the experiment config is, so a DeepSpeed JSON that cannot run fails before Ray starts.
 """
@@ -19,7 +19,9 @@ class TrainConfig(BaseModel):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
-    num_workers: int = Field(2, ge=1)
+    num_workers: int = Field(2, ge=1, description="the session's workers: they train every task and evaluate it")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts Ray Train may make in one session "
+                                                   "(each resumes the update in flight from its last epoch)")
     threads_per_worker: int = Field(1, ge=1)
     use_gpu: bool = Field(False, description="one GPU per worker; the frozen LLM and the projection move to it")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(

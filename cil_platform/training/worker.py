@@ -1,18 +1,25 @@
-"""The Ray Train worker body of one projection update (fit.py runs the fit itself).
+"""The body of a training session's Ray Train workers (session.py drives them).
+
+Each worker loads the frozen LLM once, then runs the commands the driver posts to the session's feed, one after
+another, until it is told to stop: a projection update (`Update`: a fresh optimizer, the update's epochs, a
+checkpoint after each, the trained weights answered by rank 0) or a map over its shard of an array
+(`MapShards`: evaluation, with the weights it names). So one worker group, started once, serves every task of an
+experiment: no second set of LLM copies for evaluation and no start-up per task.
 
 Kept free of model imports at module level: Ray Train's controller unpickles this function and its job (so it
-imports this module) only to hand them to the workers, and importing the model package there cost about 4 s of
-every fit. The job carries the model stack as a plain dict for the same reason.
+imports this module) only to hand them to the workers, and importing the model package there cost about 4 s.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import tempfile
 import time
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
@@ -23,22 +30,16 @@ from ray.train import Checkpoint
 # a logger, not print: Ray Train tees a worker's print to stdout and to its log, so each line showed twice
 log = logging.getLogger(__name__)
 
+POSITION_FILE = "position.json"  # in every checkpoint: which update and epoch it ends
 
 
 @dataclass(frozen=True)
-class WorkerJob:
-    """What every worker of one fit needs (fit.py builds it from a FitSpec)."""
+class SessionJob:
+    """What every worker needs for the whole session (session.py builds it)."""
 
-    name: str  # "alignment", "task-003": for log lines
     stack: dict  # ModelStack.model_dump(): no model import to unpickle it
     visual_width: int
     cache_dir: str
-    start: bytes | None  # starting projection
-    features: np.ndarray  # (N, T, D) float16
-    labels: list[str]
-    replay: dict | None
-    replay_ratio: float
-    seed: int
     threads: int
     world_size: int
     epochs: int
@@ -46,14 +47,53 @@ class WorkerJob:
     lr: float
     weight_decay: float
     warmup_fraction: float
-    steps_per_epoch: int
     backend: str
     deepspeed: dict | None
     llm_dtype: str
 
-    @property
-    def log_every(self) -> int:
-        return max(1, self.steps_per_epoch // 4)
+
+@dataclass(frozen=True)
+class Update:
+    """One projection update: train from `start` on the features, replaying old classes into every batch."""
+
+    name: str  # "alignment", "task-003": unique in the session; a checkpoint of this name resumes it
+    start: bytes | None  # the starting projection; None: the stack's projection_init, else a seeded fresh one
+    features: Any  # ObjectRef of the (N, T, D) float16 array (Ray's object store, read once per worker)
+    labels: list[str]
+    replay: Any  # ObjectRef of a replay memory's payload (or None)
+    replay_ratio: float
+    seed: int
+
+    def steps_per_epoch(self, world_size: int, batch_size: int) -> int:
+        return math.ceil((len(self.labels) // world_size) / batch_size)
+
+
+@dataclass(frozen=True)
+class MapShards:
+    """`function(gmm, matcher, rows, *args)` over this worker's contiguous shard of the array `rows`, with the
+    projection `weights` loaded; the driver concatenates the answers in rank order."""
+
+    function: Any  # a module-level function (pickled by reference)
+    weights: Any  # ObjectRef of safetensors bytes
+    rows: Any  # ObjectRef of the array to shard over the workers
+    args: tuple = ()
+    matcher: bool = False  # whether the function needs the text matcher (free decoding)
+
+
+def shard(count: int, world: int, rank: int) -> slice:
+    """This rank's contiguous share of `count` rows, cut as np.array_split cuts (sizes differ by at most one)."""
+    base, extra = divmod(count, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+def shard_batches(count: int, world: int, rank: int, batch_size: int, seed: int) -> list[np.ndarray]:
+    """This worker's batches of one epoch: a seeded permutation cut into equal shards, so every
+    worker runs the same number of steps (DDP needs that) and shards never overlap."""
+    order = np.random.default_rng(seed).permutation(count)
+    per_worker = count // world
+    mine = order[rank * per_worker: (rank + 1) * per_worker]
+    return [mine[i: i + batch_size] for i in range(0, per_worker, batch_size)]
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
@@ -68,73 +108,123 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fra
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _restore(checkpoint: Checkpoint | None, backend) -> int:
-    """Load the last reported state; returns the epoch to start from."""
-    if checkpoint is None:
-        return 0
-    with checkpoint.as_directory() as directory:
-        return backend.restore(Path(directory))
+class SessionWorker:
+    """One rank's state for the whole session: the model (LLM loaded once), the matcher once asked for, and the
+    checkpoint the worker group was started with (it names the update and epoch it ends)."""
+
+    def __init__(self, job: SessionJob):
+        from gmm_model import create_gmm
+        from gmm_model.spec import ModelStack
+        from gmm_model.stack import torch_dtype
+
+        torch.set_num_threads(job.threads)
+        self.job, self.stack = job, ModelStack.model_validate(job.stack)
+        self.rank = ray.train.get_context().get_world_rank()
+        self.device = ray.train.torch.get_device()
+        self.gmm = create_gmm(self.stack, job.visual_width, job.cache_dir, dtype=torch_dtype(job.llm_dtype))
+        self.gmm.to(self.device)
+        self.matcher = None
+        self.checkpoint = ray.train.get_checkpoint()  # set when Ray Train restored this group
+
+    def projection(self, weights: bytes | None, seed: int):
+        from gmm_model.stack import initial_projection
+
+        torch.manual_seed(seed)  # a fresh projection is the same on every rank (DDP also broadcasts rank 0's)
+        return initial_projection(self.stack, self.job.visual_width, self.gmm.llm_width, weights).to(self.device)
+
+    def run(self, command):
+        if isinstance(command, Update):
+            return self.update(command)
+        if isinstance(command, MapShards):
+            return self.map_shards(command)
+        raise TypeError(f"unknown session command {type(command).__name__}")
+
+    def map_shards(self, command: MapShards):
+        if command.matcher and self.matcher is None:
+            from gmm_model import create_matcher
+
+            self.matcher = create_matcher(self.stack)
+        self.gmm.projection = self.projection(ray.get(command.weights), 0)
+        rows = ray.get(command.rows)
+        mine = rows[shard(len(rows), self.job.world_size, self.rank)]
+        with torch.no_grad():
+            return command.function(self.gmm, self.matcher, mine, *command.args)
+
+    def update(self, update: Update) -> dict | None:
+        from ..replay import sample_replay
+        from .backends import frozen_llm_check, gather_per_worker, make_backend, worker_memory
+
+        job, rank, received = self.job, self.rank, time.perf_counter()
+        features, replay = ray.get(update.features), ray.get(update.replay) if update.replay is not None else None
+        steps_per_epoch = update.steps_per_epoch(job.world_size, job.batch_size)
+        projection = self.projection(update.start, update.seed)
+        optimizer = torch.optim.AdamW(projection.parameters(), lr=job.lr, weight_decay=job.weight_decay)
+        scheduler = warmup_cosine(optimizer, steps_per_epoch * job.epochs, job.warmup_fraction)
+        backend = make_backend(job.backend, projection, optimizer, scheduler, job.world_size, job.deepspeed)
+        self.gmm.projection = backend.module
+        parameters = frozen_llm_check(self.gmm, optimizer)
+        start_epoch, last = self.restore(update.name, backend)
+        first_step = last_step = None
+        log_every = max(1, steps_per_epoch // 4)
+        for epoch in range(start_epoch, job.epochs):
+            losses, images, epoch_start = [], 0, time.perf_counter()
+            first_step = first_step or epoch_start
+            rng = np.random.default_rng([update.seed, rank, epoch])  # per epoch: a restart from epoch k replays alike
+            for rows in shard_batches(len(update.labels), job.world_size, rank, job.batch_size, update.seed + epoch):
+                labels = [update.labels[i] for i in rows]
+                batch = features[rows].astype(np.float32)
+                replay_x, replay_y = sample_replay(replay, round(update.replay_ratio * len(labels)), rng)
+                if replay_y:
+                    batch, labels = np.concatenate([batch, replay_x]), labels + replay_y
+                loss = self.gmm.loss(torch.from_numpy(batch).to(self.device), labels)
+                backend.step(loss)
+                losses.append(loss.item())
+                images += len(labels)  # new and replayed samples
+                if rank == 0 and len(losses) % log_every == 0:
+                    log.info("%s epoch %d/%d step %d/%d: loss %.3f", update.name, epoch + 1, job.epochs,
+                             len(losses), steps_per_epoch, np.mean(losses[-log_every:]))
+            last_step = time.perf_counter()
+            last = {"update": update.name, "epoch": epoch, "loss": float(np.mean(losses)) if losses else math.nan,
+                    "images": images, "epoch_seconds": last_step - epoch_start}
+            save_checkpoint(last, backend, rank)
+        metrics = {**last, "start_epoch": start_epoch,  # start_epoch > 0: this update resumed from a checkpoint
+                   "steps_seconds": (last_step - first_step) if first_step else 0.0,
+                   "setup_seconds": (first_step or time.perf_counter()) - received,
+                   **parameters, **gather_per_worker({"epoch_seconds": last.get("epoch_seconds", 0.0), "pid": os.getpid(),
+                                                      **worker_memory(self.device, optimizer)}, job.world_size)}
+        weights = backend.full_projection_bytes()  # a collective under ZeRO: every rank takes part
+        self.gmm.projection = projection
+        return {"projection": weights, "metrics": metrics} if rank == 0 else None
+
+    def restore(self, name: str, backend) -> tuple[int, dict]:
+        """(the epoch to start from, the position of the last epoch done): from the group's checkpoint when it
+        ends an epoch of this very update (a restarted worker or driver), else from the start."""
+        if self.checkpoint is None:
+            return 0, {}
+        with self.checkpoint.as_directory() as directory:
+            position = json.loads((Path(directory) / POSITION_FILE).read_text())
+            if position["update"] != name:
+                return 0, {}
+            backend.restore(Path(directory))
+        return position["epoch"] + 1, position
 
 
-def _report(epoch: int, metrics: dict, backend, rank: int) -> None:
-    """Every rank writes its part of the checkpoint (if any); Ray Train merges them into one directory."""
+def save_checkpoint(position: dict, backend, rank: int) -> None:
+    """Every rank writes its part of the checkpoint (if any) and takes part in the report; Ray Train merges the
+    parts into one directory. Rank 0 adds the position: the update and epoch it ends."""
     with tempfile.TemporaryDirectory() as directory:
-        backend.save(Path(directory), epoch, rank)
+        backend.save(Path(directory), position["epoch"], rank)
+        if rank == 0:
+            (Path(directory) / POSITION_FILE).write_text(json.dumps(position))
         written = any(Path(directory).iterdir())
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory) if written else None)
+        ray.train.report(position, checkpoint=Checkpoint.from_directory(directory) if written else None)
 
 
-def shard_batches(count: int, world: int, rank: int, batch_size: int, seed: int) -> list[np.ndarray]:
-    """This worker's batches of one epoch: a seeded permutation cut into equal shards, so every
-    worker runs the same number of steps (DDP needs that) and shards never overlap."""
-    order = np.random.default_rng(seed).permutation(count)
-    per_worker = count // world
-    mine = order[rank * per_worker: (rank + 1) * per_worker]
-    return [mine[i: i + batch_size] for i in range(0, per_worker, batch_size)]
-
-
-def fit_worker_loop(config: dict) -> None:
-    """Ray Train worker body: `config` is {"job": WorkerJob}."""
-    from gmm_model import create_gmm
-    from gmm_model.spec import ModelStack
-    from gmm_model.stack import torch_dtype
-
-    from ..replay import sample_replay
-    from .backends import frozen_llm_check, gather_per_worker, make_backend, worker_memory
-
-    job: WorkerJob = config["job"]
-    torch.set_num_threads(job.threads)
-    rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(job.seed)
-    device = ray.train.torch.get_device()
-    gmm = create_gmm(ModelStack.model_validate(job.stack), job.visual_width, job.cache_dir, job.start,
-                     dtype=torch_dtype(job.llm_dtype))
-    gmm.to(device)
-    projection = gmm.projection
-    optimizer = torch.optim.AdamW(projection.parameters(), lr=job.lr, weight_decay=job.weight_decay)
-    scheduler = warmup_cosine(optimizer, job.steps_per_epoch * job.epochs, job.warmup_fraction)
-    backend = make_backend(job.backend, projection, optimizer, scheduler, job.world_size, job.deepspeed)
-    gmm.projection = backend.module
-    parameters = frozen_llm_check(gmm, optimizer)
-    start_epoch = _restore(ray.train.get_checkpoint(), backend)
-    for epoch in range(start_epoch, job.epochs):
-        losses, images, epoch_start = [], 0, time.perf_counter()
-        rng = np.random.default_rng([job.seed, rank, epoch])  # per epoch: a restart from epoch k replays alike
-        for rows in shard_batches(len(job.labels), job.world_size, rank, job.batch_size, job.seed + epoch):
-            labels = [job.labels[i] for i in rows]
-            features = job.features[rows].astype(np.float32)
-            replay_x, replay_y = sample_replay(job.replay, round(job.replay_ratio * len(labels)), rng)
-            if replay_y:
-                features, labels = np.concatenate([features, replay_x]), labels + replay_y
-            loss = gmm.loss(torch.from_numpy(features), labels)
-            backend.step(loss)
-            losses.append(loss.item())
-            images += len(labels)  # new and replayed samples
-            if rank == 0 and len(losses) % job.log_every == 0:
-                log.info("%s epoch %d/%d step %d/%d: loss %.3f", job.name, epoch + 1, job.epochs,
-                         len(losses), job.steps_per_epoch, np.mean(losses[-job.log_every:]))
-        metrics = {"epoch": epoch, "start_epoch": start_epoch,  # start_epoch > 0: this worker group was restored
-                   "loss": float(np.mean(losses)) if losses else float("nan"), "images": images,
-                   **parameters, **gather_per_worker({  # epoch_seconds: the steps alone, no start-up or checkpoint
-                       "epoch_seconds": time.perf_counter() - epoch_start, **worker_memory(device, optimizer)}, job.world_size)}
-        _report(epoch, metrics, backend, rank)
+def session_worker_loop(config: dict) -> None:
+    """Ray Train worker body: `config` is {"job": SessionJob, "feed": the session's Feed actor}. Runs each command
+    the feed hands out and answers it, until the feed says stop (None)."""
+    worker, feed = SessionWorker(config["job"]), config["feed"]
+    done = -1
+    while (posted := ray.get(feed.next.remote(done))) is not None:
+        done, command = posted
+        ray.get(feed.answer.remote(done, worker.rank, worker.run(command)))
