@@ -16,14 +16,14 @@ published with it (`ClassifierStats`), so the service answers with the classifie
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from .matcher import TextMatcher
-from .model import GMM, ConstrainedPrediction
+from .model import GMM, ConstrainedPrediction, Continuation
 from .rules import Rule
 
 
@@ -67,6 +67,7 @@ class Prediction:
     score: float  # walk: log-probability of the name tokens; fused: the fused score; free: cosine similarity
     text: str  # the answer the LLM wrote (trie: the template with the decoded name)
     top_k: list[tuple[str, float]]
+    description: Continuation | None = None  # what the LLM wrote on after the answer (classify(describe_tokens=N))
 
 
 def zscore(scores: torch.Tensor) -> torch.Tensor:
@@ -90,10 +91,26 @@ def fused_scores(first_token_log_prob: torch.Tensor, visual: torch.Tensor, proto
 
 def classify(gmm: GMM, visual: torch.Tensor, class_names: list[str], rule: Rule | str,
              stats: ClassifierStats = ClassifierStats(), matcher: TextMatcher | None = None,
-             top_k: int = 1) -> list[Prediction]:
-    """Classify (B, T, D) visual tokens among `class_names` with one rule."""
+             top_k: int = 1, describe_tokens: int = 0) -> list[Prediction]:
+    """Classify (B, T, D) visual tokens among `class_names` with one rule; with `describe_tokens` > 0 the model
+    then writes on after each answer, up to that many tokens (`describe`)."""
     rule = Rule(rule)
-    return classify_rules(gmm, visual, class_names, [rule], stats, matcher, top_k)[rule]
+    predictions = classify_rules(gmm, visual, class_names, [rule], stats, matcher, top_k)[rule]
+    return describe(gmm, visual, predictions, rule, describe_tokens) if describe_tokens > 0 else predictions
+
+
+def describe(gmm: GMM, visual: torch.Tensor, predictions: list[Prediction], rule: Rule | str,
+             max_new_tokens: int) -> list[Prediction]:
+    """The predictions with a description: the model continues after its answer until its own end token or
+    `max_new_tokens`. The trie and prototype rules continue from the answer with the chosen class, as trained
+    (template, name, terminator), so the label is kept; `free` continues from the text the model wrote itself."""
+    if Rule(rule) is Rule.FREE:
+        answers = [gmm.tokenizer(p.text, add_special_tokens=False).input_ids or gmm.tokens.template
+                   for p in predictions]
+    else:
+        answers = [gmm.tokens.answer(p.label)[:-1] for p in predictions]  # without the trained end token
+    continuations = gmm.continue_answers(visual, answers, max_new_tokens)
+    return [replace(p, description=c) for p, c in zip(predictions, continuations)]
 
 
 def classify_rules(gmm: GMM, visual: torch.Tensor, class_names: list[str], rules: list[Rule],

@@ -2,7 +2,8 @@
 
 serve/app.py        app_builder(args): the application (serve/config.yaml's import_path serve.app:app_builder)
 serve/settings.py   AppArgs and each deployment's user_config (CaptionerConfig, MatcherConfig, WatcherConfig)
-serve/ingress.py    Ingress: the FastAPI app (routes, bearer token, input checks)
+serve/ingress.py    Ingress: the FastAPI app (routes, bearer token, input checks, the playground at /)
+serve/static/       the web playground: index.html, playground.js, playground.css (no CDN)
 serve/captioner.py  Captioner: encoder + projection + frozen LLM, batched, one served version (projection, classes,
                     rule, class statistics) at a time; answers with gmm_model.classify.classify
 serve/matcher.py    Matcher: text encoder + label bank, for the free rule

@@ -33,7 +33,7 @@ from .settings import CaptionerConfig, default_cache_dir
 
 if TYPE_CHECKING:
     from cil_platform.storage.store import Manifest, ProjectionStore
-    from gmm_model.classify import ClassifierStats
+    from gmm_model.classify import ClassifierStats, Prediction
 
 logger = logging.getLogger("ray.serve")
 
@@ -94,6 +94,7 @@ class CaptionJob:
     image: np.ndarray
     top_k: int
     rule: str | None  # None: the version's rule
+    describe: bool = False  # the model writes on after its answer (gmm_model.classify.describe)
 
 
 class RemoteMatcher:
@@ -197,8 +198,9 @@ class Captioner:
                 "metrics": served.metrics}
 
     # ---- prediction --------------------------------------------------------------------------
-    async def caption(self, image: np.ndarray, top_k: int, rule: str | None = None) -> dict:
-        """One image's prediction; or {"error": "no_model" | "unknown_rule" | "rule_unavailable", "detail": ...}."""
+    async def caption(self, image: np.ndarray, top_k: int, rule: str | None = None, describe: bool = False) -> dict:
+        """One image's prediction (with a description if asked); or
+        {"error": "no_model" | "unknown_rule" | "rule_unavailable", "detail": ...}."""
         if self.active is None:
             return {"error": "no_model"}
         if rule is not None:
@@ -207,7 +209,7 @@ class Captioner:
             except ValueError:
                 return {"error": "unknown_rule",
                         "detail": f"unknown rule {rule!r}; use one of {', '.join(r.value for r in Rule)}"}
-        return await self._caption(CaptionJob(image, top_k, rule))
+        return await self._caption(CaptionJob(image, top_k, rule, describe))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _caption(self, jobs: list[CaptionJob]) -> list[dict]:
@@ -217,7 +219,7 @@ class Captioner:
         return await asyncio.to_thread(self._run, served, jobs)
 
     def _run(self, served: ServedVersion, jobs: list[CaptionJob]) -> list[dict]:
-        from gmm_model.classify import classify
+        from gmm_model.classify import classify, describe
 
         classes = list(served.classes)
         out: list[dict | None] = [None] * len(jobs)
@@ -238,10 +240,22 @@ class Captioner:
                     k = max(jobs[todo[n]].top_k for n in rows)
                     predictions = classify(served.gmm, visual[rows], classes, rule, served.stats,
                                            self.matcher if rule is Rule.FREE else None, top_k=k)
+                    described = [j for j, n in enumerate(rows) if jobs[todo[n]].describe]
+                    if described:
+                        with_text = describe(served.gmm, visual[[rows[j] for j in described]],
+                                             [predictions[j] for j in described], rule, self.config.description_tokens)
+                        for j, prediction in zip(described, with_text):
+                            predictions[j] = prediction
                     for n, p in zip(rows, predictions):
-                        job = jobs[todo[n]]
-                        out[todo[n]] = {"label": p.label, "score": p.score, "text": p.text,
-                                        "top_k": [{"label": label, "score": score}
-                                                  for label, score in p.top_k[:job.top_k]],
-                                        "rule": rule.value, "version": served.version, "task": served.task}
+                        out[todo[n]] = answer(p, jobs[todo[n]].top_k, rule, served)
         return out
+
+
+def answer(prediction: "Prediction", top_k: int, rule: Rule, served: ServedVersion) -> dict:
+    """A prediction as the API returns it, naming the version and rule that produced it."""
+    body = {"label": prediction.label, "score": prediction.score, "text": prediction.text,
+            "top_k": [{"label": label, "score": score} for label, score in prediction.top_k[:top_k]],
+            "rule": rule.value, "version": served.version, "task": served.task}
+    if prediction.description is not None:
+        body.update(description=prediction.description.text, description_complete=prediction.description.ended)
+    return body

@@ -1,14 +1,17 @@
-"""The Ingress deployment: the FastAPI app (routes, bearer-token middleware, input checks) in front of the
-Captioner and the Watcher. It loads no model (gmm_model.rules is torch-free): request checking is serve/inputs.py;
-whether the version that answers has the class statistics a requested rule needs is checked by the Captioner."""
+"""The Ingress deployment: the FastAPI app (routes, bearer-token middleware, input checks, the web playground at `/`
+from serve/static/) in front of the Captioner and the Watcher. It loads no model (gmm_model.rules is torch-free):
+request checking is serve/inputs.py; whether the version that answers has the class statistics a requested rule
+needs is checked by the Captioner."""
 # no `from __future__ import annotations`: FastAPI must resolve the route signatures at import time
 import asyncio
 import hashlib
 import hmac
 import os
+from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -21,7 +24,12 @@ from .settings import AppArgs
 api = FastAPI(title="GMM-CIL", description="Class-incremental image classification with a generative "
                                            "multi-modal model", version="1")
 
+STATIC_DIR = Path(__file__).resolve().with_name("static")  # the playground: HTML, JS, CSS, no CDN
+api.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
 NO_MODEL = "no model version has been published to the store yet"
+DESCRIBE_HELP = ("after the label the model writes on: a short description, up to the Captioner's "
+                 "`description_tokens`, ending at the model's own end token")
 RULE_HELP = ("decoding rule (GET /v1/model lists those the served version has the class statistics for); "
              "default: the rule its accuracy was measured with (its manifest's `rule`)")
 
@@ -36,10 +44,18 @@ def _set_token_sha256(value: str | None) -> None:
     _token_sha256 = value
 
 
+def is_public(request: Request) -> bool:
+    """/healthz and the playground's page and files need no token: the page itself asks for it."""
+    path = request.url.path
+    root = request.scope.get("root_path", "").rstrip("/")
+    relative = path[len(root):] if root and path.startswith(root) else path
+    return relative in ("", "/", "/healthz", "/healthz/") or relative.startswith("/static/")
+
+
 @api.middleware("http")
 async def require_token(request: Request, call_next):
-    """Every endpoint but /healthz needs the bearer token; checked before routing and body validation."""
-    if _token_sha256 is not None and not request.url.path.rstrip("/").endswith("/healthz"):
+    """Every endpoint but the public ones needs the bearer token; checked before routing and body validation."""
+    if _token_sha256 is not None and not is_public(request):
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
         digest = hashlib.sha256(presented.strip().encode()).hexdigest()
         if scheme.lower() != "bearer" or not presented.strip() or not hmac.compare_digest(digest, _token_sha256):
@@ -68,6 +84,10 @@ class Ingress:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
+    @api.get("/", include_in_schema=False)
+    async def playground(self) -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
     @api.get("/v1/model")
     async def model(self) -> dict:
         info = await self.captioner.info.remote()
@@ -77,7 +97,8 @@ class Ingress:
 
     @api.post("/v1/classify")
     async def classify(self, request: Request, top_k: int = Query(1, ge=1),
-                       rule: Rule | None = Query(None, description=RULE_HELP)) -> dict:
+                       rule: Rule | None = Query(None, description=RULE_HELP),
+                       describe: bool = Query(False, description=DESCRIBE_HELP)) -> dict:
         if top_k > self.args.max_top_k:
             raise HTTPException(422, f"top_k must be at most {self.args.max_top_k}")
         try:
@@ -88,7 +109,7 @@ class Ingress:
             image = await asyncio.to_thread(decode_image, body, self.args.max_image_pixels)
         except InputError as error:
             raise HTTPException(error.status, error.message) from None
-        result = await self.captioner.caption.remote(image, top_k, rule.value if rule is not None else None)
+        result = await self.captioner.caption.remote(image, top_k, rule.value if rule is not None else None, describe)
         error = result.get("error")
         if error == "no_model":
             raise HTTPException(503, NO_MODEL)

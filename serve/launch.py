@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
     url = start(args.store, host=args.host, port=args.port, name=args.name, token=os.environ.get(args.token_env) or None,
                 deployments=deployments, config_path=args.config or DEFAULT_CONFIG)
-    print(f"GMM-CIL serving at {url}  (POST {url}/v1/classify, GET {url}/v1/model; Ctrl-C stops)", flush=True)
+    print(f"GMM-CIL serving at {url}  (playground {url}/, POST {url}/v1/classify, GET {url}/v1/model; "
+          "Ctrl-C stops)", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

@@ -25,7 +25,7 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     store_url: str = Field(description="projection store URL (local path, file://, s3://...)")
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)  # may hold credentials
     stack: str | dict[str, Any] = "offline-small"
     cache_dir: str | None = Field(None, description="de-quantised LLM cache; default $GMM_CIL_CACHE or ~/.cache/gmm-cil")
     max_image_bytes: int = Field(4 * 1024 * 1024, ge=1)
@@ -52,6 +52,8 @@ class CaptionerConfig(BaseModel):
     version: int | None = Field(None, ge=0, description="store version to serve; None: the latest at start-up")
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.02, ge=0)
+    description_tokens: int = Field(40, ge=1, le=256, description="most tokens a description (describe=true) "
+                                                                   "may have; it ends earlier at the model's own end")
 
 
 class MatcherConfig(BaseModel):

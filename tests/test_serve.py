@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from cil_platform.paths import DATA_DIR, REPO_ROOT
 from cil_platform.storage.store import ProjectionStore
 from gmm_model import ModelStack, Projection
 from gmm_model.classify import ClassifierStats
+from serve.settings import CaptionerConfig
 
 pytestmark = pytest.mark.e2e
 
@@ -114,46 +116,67 @@ class Server:
             time.sleep(0.25)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Server:
+@contextmanager
+def serving(store: ProjectionStore, **start_options):
+    """The app from serve/config.yaml on `store`, on a fresh local Ray (never a `ray start` cluster), HTTP on a free
+    127.0.0.1 port with the test token; yields its URL and shuts Serve and Ray down after."""
     from serve.deploy import start
 
-    store = ProjectionStore(str(tmp_path_factory.mktemp("serve") / "store"))
-    publish(store, 0)
     if ray.is_initialized():  # another module's session-scoped cluster: start clean
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a `ray start` cluster
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        url = start(store.url, port=free_port(), token=TOKEN,
-                    args={"max_image_bytes": MAX_BYTES, "max_image_pixels": MAX_PIXELS},
-                    deployments={"Watcher": {"user_config": {"poll_interval_s": POLL_S}}})
-        yield Server(url, store)
+        yield start(store.url, port=free_port(), token=TOKEN, **start_options)
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
 @pytest.fixture(scope="module")
-def reference():
-    """Expected (label, score) of each test image under each version and rule, computed here with `classify`
-    on the encoder's tokens rounded through float16, as the service (and the feature cache) does."""
+def server(tmp_path_factory) -> Server:
+    store = ProjectionStore(str(tmp_path_factory.mktemp("serve") / "store"))
+    publish(store, 0)
+    with serving(store, args={"max_image_bytes": MAX_BYTES, "max_image_pixels": MAX_PIXELS},
+                 deployments={"Watcher": {"user_config": {"poll_interval_s": POLL_S}}}) as url:
+        yield Server(url, store)
+
+
+@pytest.fixture(scope="module")
+def offline():
+    """The served stack's encoder and frozen LLM, loaded here in the test process, and each version's GMM."""
     from gmm_model import GMM, create_encoder, create_gmm
-    from gmm_model.classify import classify
-    from serve.inputs import decode_image
 
     torch.set_num_threads(1)
     stack = ModelStack()
     encoder = create_encoder(stack)
     base = create_gmm(stack, encoder.width, os.environ.get("GMM_CIL_CACHE", os.path.expanduser("~/.cache/gmm-cil")))
-    visual = encoder.encode([decode_image(image, MAX_PIXELS) for image in IMAGES]).half().float()
+
+    def gmm(version: int) -> GMM:
+        return GMM(base.llm, base.tokenizer, Projection(1280, 576).load_bytes(weights(100 + version)), stack.prompt)
+
+    return encoder, gmm
+
+
+def encoded(encoder, images: list[bytes]) -> torch.Tensor:
+    """The encoder's tokens rounded through float16, as the service (and the feature cache) has them."""
+    from serve.inputs import decode_image
+
+    return encoder.encode([decode_image(image, MAX_PIXELS) for image in images]).half().float()
+
+
+@pytest.fixture(scope="module")
+def reference(offline):
+    """Expected (label, score) of each test image under each version and rule, computed here with `classify`."""
+    from gmm_model.classify import classify
+
+    encoder, gmm = offline
+    visual = encoded(encoder, IMAGES)
     cache: dict[tuple[int, str], list[tuple[str, float]]] = {}
 
     def expected(version: int, rule: str | None = None) -> list[tuple[str, float]]:
         rule = rule or rule_of(version)
         if (version, rule) not in cache:
-            projection = Projection(1280, 576).load_bytes(weights(100 + version))
-            gmm = GMM(base.llm, base.tokenizer, projection, stack.prompt)
-            cache[version, rule] = [(p.label, p.score) for p in classify(gmm, visual, CLASSES[version], rule,
+            cache[version, rule] = [(p.label, p.score) for p in classify(gmm(version), visual, CLASSES[version], rule,
                                                                          class_stats(version), top_k=8)]
         return cache[version, rule]
 
@@ -227,6 +250,37 @@ def test_free_rule_goes_through_the_matcher(server):
     assert len(scores) == 3 and all(-1.0 <= s <= 1.0 for s in scores) and scores == sorted(scores, reverse=True)
 
 
+def test_describe_continues_after_the_kept_label(server, offline):
+    """describe=true: the label and answer are what the trie decoded (unchanged), and the description is exactly
+    what `classify(..., describe_tokens=N)` writes after that answer in the test process, within the bound."""
+    from gmm_model.classify import classify
+
+    encoder, gmm = offline
+    bound = CaptionerConfig().description_tokens
+    plain = server.classify(IMAGES[1], top_k=3).json()
+    response = server.classify(IMAGES[1], top_k=3, describe="true")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["version"] == 0 and body["rule"] == "trie"
+    assert {k: body[k] for k in plain} == plain  # label, score, text, top-k: as without describe
+    assert "description" not in plain and isinstance(body["description_complete"], bool)
+    expected = classify(gmm(0), encoded(encoder, IMAGES[1:]), CLASSES[0], "trie", describe_tokens=bound)[0]
+    assert expected.label == body["label"]
+    assert body["description"] == expected.description.text and body["description"]
+    assert body["description_complete"] == expected.description.ended
+    assert expected.description.tokens <= bound and (expected.description.ended or expected.description.tokens == bound)
+
+
+def test_describe_with_the_free_rule_continues_the_models_own_text(server, offline):
+    encoder, gmm = offline
+    body = server.classify(IMAGES[0], top_k=2, rule="free", describe="true").json()
+    assert body["rule"] == "free" and body["label"] in CLASSES[0]
+    model = gmm(0)
+    answer = model.tokenizer(body["text"], add_special_tokens=False).input_ids
+    expected = model.continue_answers(encoded(encoder, IMAGES[:1]), [answer], CaptionerConfig().description_tokens)[0]
+    assert body["description"] == expected.text and body["description_complete"] == expected.ended
+
+
 def chunked(data: bytes):
     yield data[: len(data) // 2]
     yield data[len(data) // 2:]
@@ -263,6 +317,7 @@ def bad_requests(url: str) -> list[tuple[str, dict, int]]:
         ("top_k not a number", raw(png, top_k="many"), 422),
         ("top_k over the limit", raw(png, top_k=10_000), 422),
         ("unknown rule", raw(png, rule="beam"), 422),
+        ("describe not a boolean", raw(png, describe="perhaps"), 422),
         ("rule without its statistics", raw(png, rule="trie+prior"), 422),  # version 0 published none
         ("multipart without file", form({"image": ("a.png", png, "image/png")}), 400),
         ("multipart field, no file", form({"file": (None, b"just a string")}), 400),
