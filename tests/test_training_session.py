@@ -22,8 +22,16 @@ from cil_platform.training.fit import FitSpec, fit_projection
 from cil_platform.training.session import Feed, SessionSpec, TrainingSession
 from cil_platform.training.worker import shard
 from gmm_model import create_encoder, create_gmm
+from gmm_model.classify import ClassifierStats
 from gmm_model.rules import Rule
 
+NO_STATS = ClassifierStats(None, None)  # the trie rule needs no prior and no prototypes
+
+
+
+def refuse(gmm, matcher, rows):
+    """A shard function that fails on its input, as a bad request would."""
+    raise ValueError(f"refused {len(rows)} rows")
 
 
 def test_shards_cut_like_array_split():
@@ -76,8 +84,12 @@ def test_one_session_trains_and_evaluates_as_separate_fits_would(tasks, tmp_path
         first = session.fit("task-000", first_task.features, list(first_task.labels), None, seed=1)
         second = session.fit("task-001", second_task.features, list(second_task.labels), first.projection, seed=2,
                              replay=replay, replay_ratio=1.0)
-        evaluated = session.map_shards(predict, second.projection, test.features, classes, 5, [Rule.TRIE], None)
-    assert first.metrics["pid_per_worker"] == second.metrics["pid_per_worker"]  # the same worker processes
+        evaluated = session.map_shards(predict, second.projection, test.features, classes, 5, [Rule.TRIE], NO_STATS)
+        with pytest.raises(ValueError, match="refused 3 rows"):  # bad input: the worker's error, no restart
+            session.map_shards(refuse, second.projection, test.features[:6])
+        after = session.fit("task-002", first_task.features[:4], list(first_task.labels[:4]), None, seed=3)
+    # the same worker processes all along: no start-up per update, and no restart for the refused input
+    assert first.metrics["pid_per_worker"] == second.metrics["pid_per_worker"] == after.metrics["pid_per_worker"]
     assert second.metrics["start_epoch"] == 0 and second.images == 2 * (16 // 2) * 2 * 2  # new + replayed, 2 epochs
     alone = fit_projection(FitSpec(name="task-001", features=second_task, start=first.projection, stack=cfg.stack,
                                    visual_width=width, cache_dir=cfg.cache_dir, train=train_cfg,
@@ -88,7 +100,7 @@ def test_one_session_trains_and_evaluates_as_separate_fits_would(tasks, tmp_path
     # the workers' shards of the evaluation, in rank order, are this process's labels of the whole test set
     gmm = create_gmm(cfg.stack, width, cfg.cache_dir, second.projection)
     with torch.no_grad():
-        here = predict(gmm, None, test.features, classes, 5, [Rule.TRIE], None)[Rule.TRIE]
+        here = predict(gmm, None, test.features, classes, 5, [Rule.TRIE], NO_STATS)[Rule.TRIE]
     assert [label for part in evaluated for label in part[Rule.TRIE]] == here
     assert len(evaluated) == 2 and all(part[Rule.TRIE] for part in evaluated)
 

@@ -34,7 +34,7 @@ from gmm_model.spec import ModelStack
 from ..storage import open_storage
 from .config import TrainConfig
 from .deepspeed_config import deepspeed_settings, low_precision
-from .worker import MapShards, SessionJob, Update, session_worker_loop
+from .worker import Failed, MapShards, SessionJob, Update, session_worker_loop
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,12 @@ class TrainingSession:
             if self._fit.done():  # the worker group failed for good (or ended): its error says why
                 self._fit.result()
                 raise RuntimeError(f"training session {self.spec.name} ended before answering")
-        return ray.get(pending)
+        answers = ray.get(pending)
+        for answer in answers:
+            if isinstance(answer, Failed):  # the worker's own exception, with where it was raised
+                answer.error.add_note(f"raised on session worker {answer.rank}:\n{answer.trace}")
+                raise answer.error
+        return answers
 
     def close(self) -> None:
         """Tell the workers to stop and wait for the fit to end. A session that already failed raised its error

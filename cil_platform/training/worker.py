@@ -17,6 +17,7 @@ import math
 import os
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,16 @@ class MapShards:
     rows: Any  # ObjectRef of the array to shard over the workers
     args: tuple = ()
     matcher: bool = False  # whether the function needs the text matcher (free decoding)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A map's exception on one rank, answered instead of raised: bad input is no reason to restart the worker group
+    (an update's is raised: its ranks meet in collectives, and Ray Train must tear them all down)."""
+
+    rank: int
+    error: BaseException
+    trace: str
 
 
 def shard(count: int, world: int, rank: int) -> slice:
@@ -227,4 +238,10 @@ def session_worker_loop(config: dict) -> None:
     done = -1
     while (posted := ray.get(feed.next.remote(done))) is not None:
         done, command = posted
-        ray.get(feed.answer.remote(done, worker.rank, worker.run(command)))
+        try:
+            answer = worker.run(command)
+        except Exception as error:
+            if not isinstance(command, MapShards):
+                raise
+            answer = Failed(worker.rank, error, traceback.format_exc())
+        ray.get(feed.answer.remote(done, worker.rank, answer))
