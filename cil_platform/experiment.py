@@ -291,6 +291,15 @@ def run_experiment(cfg: ExperimentConfig, fresh: bool = False, on_publish: OnPub
     is what the run reports to (default: plain lines on stdout; the command line's draws progress bars)."""
     started = time.perf_counter()
     setup = set_up(cfg, fresh, on_publish, started, console or Console())
+    try:
+        return run_and_report(setup, started)
+    finally:
+        setup.run.release()  # the run's lease: another driver may take the run from here on
+
+
+def run_and_report(setup: Setup, started: float) -> dict:
+    """Every task still to run, then results.json, the plot and the MLflow run's end."""
+    cfg = setup.cfg
     progress, next_task = start_or_resume(setup)
     setup.console.tasks(len(setup.scenario), next_task)
     tracker = start_tracking(cfg, resume=next_task > 0)  # MLflow (cil_platform/tracking.py)

@@ -3,12 +3,17 @@
 Entries are keyed by (image content hash, encoder identity): the identity names weights, input size
 and pooling, so a change to any of them is a cache miss rather than a silent reuse. Each extraction
 writes one new shard atomically (temp file + rename locally, a single put on object stores); a
-half-written shard is never listed because only `*.safetensors` names are read.
+half-written shard is never listed because only `*.safetensors` names are read. A shard's metadata
+carries the sha256 of its tensors and its creation stamp: a shard that does not parse, does not match
+its sha256, or has none (written before they existed) is skipped with a warning, never trusted; which
+value of a key wins is decided by the stamps, not by file names.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import struct
 import time
 import uuid
 from collections import Counter
@@ -67,31 +72,66 @@ class FeatureCache:
         self.encoder_identity = encoder_identity
 
     def _shards(self) -> list[str]:
-        """Oldest first: shards are named by creation time (`shard-<uuid>` names predate that and come first)."""
+        """Every complete shard's path (order is of no meaning: see load_all)."""
         if not self.fs.exists(self.dir):
             return []
-        names = [p for p in self.fs.ls(self.dir, detail=False) if p.endswith(".safetensors")]
-        return sorted(names, key=lambda p: (not p.rsplit("/", 1)[-1].startswith("shard-"), p))
+        return sorted(p for p in self.fs.ls(self.dir, detail=False) if p.endswith(".safetensors"))
 
     def load_all(self) -> dict[str, np.ndarray]:
-        """key -> (T, D) features, over every shard. The oldest entry of a key wins: runs that encoded the
-        same image at the same time may differ in the last float16 bit (batch composition), and every
-        later reader must see one value, the same for all."""
+        """key -> (T, D) features, over every good shard. The oldest entry of a key (by the shards' creation
+        stamps) wins: runs that encoded the same image at the same time may differ in the last float16 bit (batch
+        composition), and every later reader must see one value, the same for all."""
+        shards = [loaded for path in self._shards() if (loaded := self._load_checked(path)) is not None]
         table: dict[str, np.ndarray] = {}
-        for shard in self._shards():
-            tensors = load_tensors(self.fs.cat_file(shard))
+        for _, tensors in sorted(shards, key=lambda shard: shard[0]):
             for key, features in zip(tensors["keys"], tensors["features"]):
                 table.setdefault(bytes(key).hex(), features)
         return table
 
+    def _load_checked(self, path: str) -> tuple[tuple[int, str], dict[str, np.ndarray]] | None:
+        """((creation stamp, writer), tensors) of a shard whose sha256 matches; None, with a warning, otherwise."""
+        try:
+            blob = self.fs.cat_file(path)
+            meta = _shard_metadata(blob)
+            tensors = load_tensors(blob)
+            if meta.get("sha256") != _tensors_digest(tensors) or meta.get("encoder") != self.encoder_identity:
+                raise ValueError("its sha256 or encoder does not match its content (damaged, or written before "
+                                 "shards carried a checksum)")
+            return (int(meta["created_ns"]), meta.get("writer", "")), tensors
+        except FileNotFoundError:  # removed since the listing
+            return None
+        except Exception as error:  # safetensors raises its own errors on damaged headers
+            log.warning("skipping feature cache shard %s: %s: %s; its images are encoded again", path,
+                        type(error).__name__, error)
+            return None
+
     def add(self, keys: list[str], features: np.ndarray) -> None:
         if not keys:
             return
-        blob = save_tensors({"keys": np.stack([np.frombuffer(bytes.fromhex(k), dtype=np.uint8) for k in keys]),
-                             "features": np.ascontiguousarray(features, dtype=np.float16)},
-                            metadata={"encoder": self.encoder_identity})
+        tensors = {"keys": np.stack([np.frombuffer(bytes.fromhex(k), dtype=np.uint8) for k in keys]),
+                   "features": np.ascontiguousarray(features, dtype=np.float16)}
+        stamp, writer = time.time_ns(), uuid.uuid4().hex[:8]
+        blob = save_tensors(tensors, metadata={"encoder": self.encoder_identity, "sha256": _tensors_digest(tensors),
+                                               "created_ns": str(stamp), "writer": writer})
         self.fs.makedirs(self.dir, exist_ok=True)
-        atomic_write_bytes(self.fs, f"{self.dir}/{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.safetensors", blob)
+        atomic_write_bytes(self.fs, f"{self.dir}/{stamp:020d}-{writer}.safetensors", blob)
+
+
+def _tensors_digest(tensors: dict[str, np.ndarray]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _shard_metadata(blob: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors blob (its header: 8 bytes of length, then JSON)."""
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + length])
+    return header.get("__metadata__") or {}
 
 
 class EncodeBatch:
@@ -171,4 +211,16 @@ def features_for(cfg: ExperimentConfig, encoder_identity: str, classes: list[str
     splits = load_dataset(cfg.dataset.model_copy(update=dataset_overrides), classes=classes)
     cache = FeatureCache(cfg.features_url, encoder_identity, cfg.storage.options)
     train, test = extract_features([splits.train, splits.test], cfg.stack, cache, actors=cfg.dataset.encoder_actors)
+    require_training_images(train, classes)
     return train, test
+
+
+def require_training_images(train: FeatureTable, classes: list[str]) -> None:
+    """A class without one decodable training image cannot be learned: fail here, naming it, before any task
+    trains or publishes, instead of when its task comes (or never, with a projection that silently lacks it)."""
+    missing = sorted(set(classes) - set(train.labels))
+    if missing:
+        skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(train.skipped.items())) or "none"
+        raise ValueError(f"{len(missing)} classes have no training images that decode: {missing[:20]}"
+                         f"{' ...' if len(missing) > 20 else ''} (undecodable training images skipped: {skipped}); "
+                         "add readable images for them or leave them out (scenario.class_order / num_classes)")

@@ -12,11 +12,11 @@ Kept free of Ray and of the model so it can be tested on its own.
 """
 from __future__ import annotations
 
-import io
 from collections.abc import AsyncIterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+
+from gmm_model.images import ImageDecodeError, decode_rgb
 
 # a multipart body carries boundaries and part headers around the file
 MULTIPART_OVERHEAD = 16 * 1024
@@ -99,24 +99,11 @@ async def file_from_multipart(headers, body: bytes, max_bytes: int) -> bytes:
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Image bytes -> HxWx3 uint8 RGB. Transparent pixels are laid on white (drawings are ink on white);
-    an animated image gives its first frame."""
+    """Image bytes -> HxWx3 uint8 RGB with the training decoder (gmm_model.images: allowed formats, EXIF
+    orientation, 16-bit and float scaled, alpha on white, the first frame); a client error otherwise."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width < 1 or height < 1:
-                raise InputError(400, f"image has no pixels ({width}x{height})")
-            if width * height > max_pixels:
-                raise InputError(413, f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
-            image.load()
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(white, rgba)
-            return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-    except InputError:
-        raise
-    except Image.DecompressionBombError as error:
-        raise InputError(413, f"image too large: {error}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError) as error:
-        raise InputError(400, f"body is not a decodable image ({type(error).__name__}: {error})") from None
+        return decode_rgb(data, max_pixels)
+    except ImageDecodeError as error:
+        if error.reason == "too large":
+            raise InputError(413, f"image too large: {error.detail}") from None
+        raise InputError(400, f"body is not a decodable image ({error.detail})") from None

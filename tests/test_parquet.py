@@ -182,3 +182,18 @@ def test_bad_paths_and_columns_are_clear_errors(place):
     write_parquet(url, options, "train/y.parquet", {"img": [png(CATS[0])], "label": ["cat"]})
     with pytest.raises(ValueError, match="only one of train/ and test/"):
         load(columns=ParquetColumns(image="img"))
+
+
+def test_rows_without_a_label_are_left_out_and_counted(tmp_path, caplog):
+    url = str(tmp_path / "data")
+    images = [png(image) for image in CATS[:3]]
+    write_parquet(url, {}, "part-0.parquet", {"image": pa.array(images, pa.binary()),
+                                              "label": pa.array(["cat", None, None], pa.string()),
+                                              "split": pa.array(["train"] * 3, pa.string())})
+    write_parquet(url, {}, "part-1.parquet", {"image": pa.array(images[:1], pa.binary()),
+                                              "label": pa.array([None], pa.string()),
+                                              "split": pa.array(["test"], pa.string())})
+    with caplog.at_level(logging.WARNING):
+        splits = load_dataset(DatasetConfig(kind="parquet", path=url))
+    assert splits.class_names == ["cat"] and len(rows(splits.train)) == 1
+    assert "left out 3 rows whose 'label' is null" in caplog.text

@@ -154,3 +154,20 @@ def test_model_fields_can_be_overridden_from_the_command_line():
     assert cfg.stack.grid == 3
     assert cfg.stack.llm == PRESETS["offline-small"].llm
     assert cfg.stack.fingerprint != PRESETS["offline-small"].fingerprint  # a different stack, its own alignment
+
+
+def test_no_credential_reaches_a_repr_or_a_written_config():
+    """repr()/str() (what logs and tracebacks show) and every dump made with CREDENTIAL_FIELDS leave out the
+    storage options of the run, its dataset and its alignment corpus."""
+    import json
+
+    from cil_platform.config import CREDENTIAL_FIELDS, ExperimentConfig
+
+    cfg = ExperimentConfig(dataset={"storage_options": {"secret": "SECRET-1"}},
+                           storage={"url": "s3://bucket/x", "options": {"key": "SECRET-2"}},
+                           alignment={"dataset": {"kind": "folder", "path": "s3://corpus",
+                                                  "storage_options": {"secret": "SECRET-3"}}})
+    shown = [repr(cfg), str(cfg), repr(cfg.dataset), repr(cfg.storage), repr(cfg.alignment),
+             json.dumps(cfg.model_dump(mode="json", exclude=CREDENTIAL_FIELDS))]
+    assert not [text for text in shown if "SECRET" in text]
+    assert cfg.dataset.storage_options == {"secret": "SECRET-1"}  # still there for the code that opens the URL

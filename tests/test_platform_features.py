@@ -71,7 +71,8 @@ def test_add_then_load_all_round_trips_keys_and_float16_features(url):
 
     if not url.startswith("memory://"):
         with safe_open(shards(cache)[0], "np") as handle:
-            assert handle.metadata() == {"encoder": "enc-a"}
+            meta = handle.metadata()
+        assert meta["encoder"] == "enc-a" and len(meta["sha256"]) == 64 and int(meta["created_ns"]) > 0
 
 
 def test_half_written_shards_are_ignored(url):
@@ -92,20 +93,40 @@ def test_local_add_leaves_only_the_shard(tmp_path):
     assert len(files) == 1 and files[0].endswith(".safetensors") and not files[0].startswith(".")
 
 
-def test_the_oldest_value_of_a_key_wins_for_every_reader(url):
-    """Two runs that encoded the same image at once may store values one float16 step apart: every
-    reader must see the first one stored, whatever order the listing returns."""
+def test_the_oldest_value_of_a_key_wins_for_every_reader_whatever_the_file_names(url):
+    """Two runs that encoded the same image at once may store values one float16 step apart: every reader must
+    see the first one stored (by the creation stamp in the shards' metadata), whatever the names or listing order."""
     cache = FeatureCache(url, "enc-a")
-    cache.fs.makedirs(cache.dir, exist_ok=True)
-    legacy = save_tensors({"keys": np.frombuffer(bytes.fromhex(key(2)), np.uint8)[None],
-                           "features": np.full((1, 2, 2), 7, np.float16)})
-    cache.fs.pipe_file(f"{cache.dir}/shard-ffff.safetensors", legacy)  # named before shards carried a time
     cache.add([key(0), key(2)], np.ones((2, 2, 2)))
     cache.add([key(0), key(1)], np.full((2, 2, 2), 2.0))
+    first, second = sorted(shards(cache), key=lambda p: cache._load_checked(p)[0])
+    # swap the names: the newer shard now sorts first by name
+    cache.fs.mv(first, f"{cache.dir}/tmp.safetensors")
+    cache.fs.mv(second, first)
+    cache.fs.mv(f"{cache.dir}/tmp.safetensors", second)
     loaded = FeatureCache(url, "enc-a").load_all()
     np.testing.assert_array_equal(loaded[key(0)], np.ones((2, 2), np.float16))
     np.testing.assert_array_equal(loaded[key(1)], np.full((2, 2), 2, np.float16))
-    np.testing.assert_array_equal(loaded[key(2)], np.full((2, 2), 7, np.float16))
+    np.testing.assert_array_equal(loaded[key(2)], np.ones((2, 2), np.float16))
+
+
+def test_damaged_or_unchecked_shards_are_skipped_with_a_warning_never_trusted(url, caplog):
+    cache = FeatureCache(url, "enc-a")
+    cache.add([key(0)], np.ones((1, 2, 2)))
+    good = shards(cache)[0]
+    blob = cache.fs.cat_file(good)
+    flipped = blob[:-1] + bytes([blob[-1] ^ 1])  # one bit of one feature
+    unchecked = save_tensors({"keys": np.frombuffer(bytes.fromhex(key(1)), np.uint8)[None],
+                              "features": np.full((1, 2, 2), 7, np.float16)}, metadata={"encoder": "enc-a"})
+    for name, data in {"flipped": flipped, "unchecked": unchecked, "truncated": blob[:40],
+                       "garbage": b"\xff" * 64, "empty": b""}.items():
+        cache.fs.pipe_file(f"{cache.dir}/{name}.safetensors", data)
+    with caplog.at_level(logging.WARNING):
+        loaded = FeatureCache(url, "enc-a").load_all()
+    assert list(loaded) == [key(0)]
+    np.testing.assert_array_equal(loaded[key(0)], np.ones((2, 2), np.float16))
+    skipped = [r.getMessage() for r in caplog.records if "skipping feature cache shard" in r.getMessage()]
+    assert len(skipped) == 5 and any("sha256" in m for m in skipped)
 
 
 def test_each_encoder_identity_has_its_own_directory(url):
@@ -243,3 +264,13 @@ def test_extract_features_end_to_end_and_second_pass_uses_the_cache(ray_cluster,
         assert again.labels[order].tolist() == first.labels[back].tolist()
         np.testing.assert_array_equal(again.features[order], first.features[back])
         assert again.skipped == first.skipped
+
+
+def test_a_class_without_a_decodable_training_image_is_an_error_naming_it():
+    from cil_platform.features import require_training_images
+
+    train = FeatureTable(np.zeros((2, 1, 1), np.float16), np.asarray(["cat", "cat"], dtype=object),
+                         np.asarray(["k1", "k2"], dtype=object), Counter({"corrupt image": 3}))
+    require_training_images(train, ["cat"])
+    with pytest.raises(ValueError, match=r"no training images that decode: \['dog', 'hot dog'\].*corrupt image 3"):
+        require_training_images(train, ["cat", "dog", "hot dog"])

@@ -140,6 +140,7 @@ def test_an_empty_output_dir_has_nothing_to_resume(run):
 def test_a_state_whose_projection_changed_in_the_store_is_an_error(run):
     state, store = run
     run_task(components(), state, store, 0, {"gmm": {"overall": []}})
+    store.fs.rm(f"{store.root}/v0000", recursive=True)  # versions are immutable: only a removed one can change
     store.publish(0, b"other weights", ["c0", "c1"], "stack")
     with pytest.raises(RunStateError, match="not the projection"):
         state.load(store, components())
@@ -169,3 +170,36 @@ def test_config_hash_ignores_where_the_run_executes_but_not_what_it_computes(tmp
     assert base.config_hash == moved.config_hash
     for change in ({"seed": 1}, {"replay": {"mode": "none"}}, {"scenario": {"increment": 5}}, {"name": "x"}):
         assert ExperimentConfig(output_dir=str(tmp_path / "a"), **change).config_hash != base.config_hash, change
+
+
+@pytest.mark.parametrize("marker", [
+    b"[1, 2, 3]", b"null", b'"a string"', b"\xff\xfe not utf-8", b"",
+    b'{"config_hash": "' + b"a" * 64 + b'"}',  # a dict without the other fields
+    b'{"format": 1, "config_hash": "' + b"a" * 64 + b'", "task": 2, "next_task": 3}',  # an older format
+])
+def test_a_newest_marker_of_any_content_falls_back_to_the_previous_state_with_a_warning(run, marker, caplog):
+    state, store = run
+    parts, rows = components(), {"gmm": {"overall": []}}
+    for task in range(2):
+        run_task(parts, state, store, task, rows)
+    state.fs.pipe_file(f"{state.root}/task-0001/state.json", marker)
+    with caplog.at_level("WARNING"):
+        assert state.load(store, components()).next_task == 1
+        state.check_config()
+    assert "task-0001" in caplog.text and "falling back" in caplog.text
+
+
+def test_a_marker_edited_in_place_fails_its_own_checksum(run, caplog):
+    import json
+
+    state, store = run
+    parts, rows = components(), {"gmm": {"overall": []}}
+    for task in range(2):
+        run_task(parts, state, store, task, rows)
+    path = f"{state.root}/task-0001/state.json"
+    marker = json.loads(state.fs.cat_file(path))
+    marker["rows"]["gmm"]["overall"] = [1.0, 1.0]  # well-formed, not what was saved
+    state.fs.pipe_file(path, json.dumps(marker).encode())
+    with caplog.at_level("WARNING"):
+        assert state.load(store, components()).next_task == 1
+    assert "sha256 does not match its content" in caplog.text

@@ -14,7 +14,7 @@ import pytest
 from cil_platform.config import ExperimentConfig
 from cil_platform.features import FeatureCache
 from cil_platform.storage import StorageConfig, open_storage
-from cil_platform.storage.store import ProjectionStore
+from cil_platform.storage.store import ProjectionStore, VersionExistsError
 
 
 # ---------------------------------------------------------------- the resolver
@@ -93,7 +93,7 @@ def test_feature_cache_round_trip_on_s3(s3_bucket):
     assert FeatureCache(url, "encoder-b", s3_bucket.options).load_all() == {}  # another encoder: a miss
     objects = s3_bucket.keys("features")
     assert len(objects) == 2 and all(o.startswith(cache.dir.rsplit("/", 1)[-1] + "/") for o in objects)
-    assert [o.rsplit("/", 1)[-1] for o in objects] == [p.rsplit("/", 1)[-1] for p in cache._shards()]  # oldest first
+    assert [o.rsplit("/", 1)[-1] for o in objects] == [p.rsplit("/", 1)[-1] for p in cache._shards()]
     assert all(o.endswith(".safetensors") for o in objects)  # a single PUT each: no temp objects left
 
 
@@ -138,14 +138,54 @@ def test_projection_store_on_s3_writes_the_manifest_last(s3_bucket, monkeypatch)
     with pytest.raises(FileNotFoundError):
         reader.load(1)
 
-    # re-publishing a version withdraws its manifest first: a crash mid-way never pairs old manifest, new weights
-    fail_on["path"] = f"{store.root}/v0000/manifest.json"
-    with pytest.raises(ConnectionError):
-        store.publish(0, b"zero, again", ["a"], "stack")
-    assert reader.versions() == []
+    # version 1's weights are there but uncommitted: another publisher of other bytes is refused, nothing changes;
+    # the one that died, retried with the same bytes, completes it
     fail_on["path"] = None
-    store.publish(0, b"zero, again", ["a"], "stack")
-    assert reader.load(0)[1] == b"zero, again"
+    with pytest.raises(VersionExistsError, match="being written by another publisher"):
+        store.publish(1, b"one, other bytes", ["a", "b"], "stack")
+    assert reader.versions() == [0]
+    store.publish(1, b"one", ["a", "b"], "stack")
+    assert reader.load(1)[1] == b"one"
+    with pytest.raises(VersionExistsError, match="already published"):
+        store.publish(0, b"zero, again", ["a"], "stack")
+    assert reader.load(0)[1] == b"zero"
+
+
+def test_s3_create_only_uses_a_conditional_put(s3_bucket, monkeypatch):
+    """If-None-Match: * makes the server refuse an existing key even when the existence check missed it (the
+    race the check alone cannot close)."""
+    from cil_platform.storage.atomic import create_only_bytes
+
+    fs, path = s3_bucket.storage().fs, f"{s3_bucket.name}/key"
+    create_only_bytes(fs, path, b"first")
+    monkeypatch.setattr(fs, "exists", lambda *args, **kwargs: False)  # another writer's PUT landed after the check
+    with pytest.raises(FileExistsError):
+        create_only_bytes(fs, path, b"second")
+    fs.invalidate_cache()
+    assert fs.cat_file(path) == b"first"
+
+
+def test_concurrent_publishers_on_s3_one_wins(s3_bucket):
+    """Threads publishing version 0 with different bytes at once: one version, one publisher's bytes, intact."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    url, barrier = s3_bucket.url("store"), Barrier(4)
+
+    def publish(i: int) -> str:
+        store = ProjectionStore(url, s3_bucket.options)
+        barrier.wait()
+        try:
+            store.publish(0, f"weights {i}".encode() * 100, ["a"], "stack")
+            return "published"
+        except VersionExistsError:
+            return "refused"
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(publish, range(4)))
+    assert sorted(results) == ["published", "refused", "refused", "refused"], results
+    manifest, weights = ProjectionStore(url, s3_bucket.options).load(0)
+    assert weights == f"weights {results.index('published')}".encode() * 100
 
 
 # ---------------------------------------------------------------- Ray Train checkpoints on S3

@@ -45,7 +45,12 @@ def load_parquet(config: DatasetConfig, classes: Sequence[str] | None) -> Datase
     split_column = _check_columns(reads, config, by_dir="" not in sources)
 
     columns = config.columns
-    raw_labels = sorted({label for ds in reads.values() for label in _distinct(ds, columns.label)})
+    labels = [_labels(ds, columns.label) for ds in reads.values()]
+    raw_labels = sorted(set().union(*(found for found, _ in labels)))
+    unlabelled = sum(nulls for _, nulls in labels)
+    if unlabelled:
+        log.warning("parquet dataset %s: left out %d rows whose %r is null (no class name)", config.path,
+                    unlabelled, columns.label)
     normalised = normalised_names(raw_labels, config.path)
     class_names = sorted(set(normalised.values()))
     if not class_names:
@@ -121,14 +126,20 @@ def _is_string(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
-def _distinct(ds: ray.data.Dataset, column: str) -> set[str]:
-    """The column's distinct non-null values, from a read of that column alone. (Dataset.unique is an
-    all-to-all aggregation whose actors can wait forever for CPUs on a small, busy node.)"""
-    per_block = ds.select_columns([column]).map_batches(
-        lambda batch: pa.table({"value": pa.array(sorted({v for v in batch.column(column).to_pylist() if v is not None}),
-                                                  pa.string())}),
-        batch_format="pyarrow", batch_size=None)
-    return set(per_block.to_pandas()["value"])
+def _labels(ds: ray.data.Dataset, column: str) -> tuple[set[str], int]:
+    """The column's distinct non-null values and how many rows are null, from a read of that column alone.
+    (Dataset.unique is an all-to-all aggregation whose actors can wait forever for CPUs on a small, busy node.)"""
+    found = ds.select_columns([column]).map_batches(_block_labels, fn_kwargs={"column": column},
+                                                    batch_format="pyarrow", batch_size=None).to_pandas()
+    return set(found["value"].dropna()), int(found["nulls"].sum())
+
+
+def _block_labels(batch: pa.Table, column: str) -> pa.Table:
+    """One block's distinct labels (nulls 0), and one row (value null) counting its null labels."""
+    values = batch.column(column).to_pylist()
+    distinct = sorted({v for v in values if v is not None})
+    return pa.table({"value": pa.array([*distinct, None], pa.string()),
+                     "nulls": pa.array([0] * len(distinct) + [values.count(None)], pa.int64())})
 
 
 def _label_and_hash(batch: pa.Table, columns, names: dict[str, str], split: str, split_column: str | None,

@@ -6,17 +6,25 @@ A version is published once, after its evaluation, with its metrics and the rule
 a reader sees is complete. The manifest is written last and is the commit marker: a version exists only once its
 manifest does, so a writer that dies half-way leaves nothing a reader can see. The manifest carries the sha256
 and size of every file, so a reader can tell a torn or tampered entry from a good one instead of serving garbage.
+
+Versions are immutable: every file of a version is created create-only (atomic.create_only_bytes: a hard link
+locally, `If-None-Match: *` on S3), so a second publisher of a version that holds other content fails with
+VersionExistsError and changes nothing. Publishing exactly the same content again (a driver resumed after it
+died between publishing and checkpointing retrains deterministically) returns the version that is there.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 from datetime import datetime, timezone
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .atomic import commit_entry, numbered_entries
+from .atomic import create_entry, numbered_entries
 from . import open_storage
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "projection.safetensors"
 CLASS_STATS_FILE = "class_stats.safetensors"
@@ -26,6 +34,10 @@ VERSION_PREFIX = "v"  # v0003/
 
 class CorruptEntryError(ValueError):
     """A store entry whose manifest does not parse or whose weights do not match their manifest."""
+
+
+class VersionExistsError(FileExistsError):
+    """A version that is already in the store (or being written) with other content: versions are immutable."""
 
 
 class FileDigest(BaseModel):
@@ -60,6 +72,11 @@ class Manifest(BaseModel):
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
 
+    def same_content(self, other: "Manifest") -> bool:
+        """Whether two manifests describe the same version content (when and with what metrics it was written aside)."""
+        content = ("version", "task", "seen_classes", "stack_fingerprint", "sha256", "size", "rule", "class_stats")
+        return all(getattr(self, name) == getattr(other, name) for name in content)
+
     @classmethod
     def from_json(cls, text: str | bytes) -> "Manifest":
         try:
@@ -87,8 +104,8 @@ class ProjectionStore:
 
     def publish(self, task: int, weights: bytes, seen_classes: list[str], stack_fingerprint: str, rule: str = "trie",
                 class_stats: bytes | None = None, metrics: dict | None = None, extra: dict | None = None) -> Manifest:
-        """Write task's files, then its manifest. Re-publishing a version (a resumed run) first withdraws the
-        old manifest, so no reader ever pairs the old manifest with the new files unnoticed."""
+        """Create version `task`: its files, then its manifest, each create-only. The same content published
+        again returns the version there; other content raises VersionExistsError (nothing is overwritten)."""
         weights = bytes(weights)
         manifest = Manifest(
             version=task, task=task, seen_classes=list(seen_classes), stack_fingerprint=stack_fingerprint,
@@ -98,17 +115,46 @@ class ProjectionStore:
             metrics=dict(metrics or {}), extra=dict(extra or {}),
         )
         files = {WEIGHTS_FILE: weights, **({CLASS_STATS_FILE: bytes(class_stats)} if class_stats is not None else {})}
-        commit_entry(self.fs, self._dir(task), files, MANIFEST_FILE, manifest.to_json().encode())
+        try:
+            create_entry(self.fs, self._dir(task), files, MANIFEST_FILE, manifest.to_json().encode())
+        except FileExistsError as error:
+            return self._already_published(manifest, error)
         return manifest
 
+    def _already_published(self, ours: Manifest, error: FileExistsError) -> Manifest:
+        """The version in the store if it is `ours` in content, else VersionExistsError saying what is there."""
+        where = f"version {ours.version} of {self.url}"
+        try:
+            there = self.manifest(ours.version)
+        except FileNotFoundError:
+            raise VersionExistsError(
+                f"{where} is being written by another publisher, or one died half-way ({error} holds other "
+                f"bytes): versions are create-only. If no other driver writes to this store, remove "
+                f"{self._dir(ours.version)} and publish again; else give this run its own store_url") from None
+        except CorruptEntryError as damaged:
+            raise VersionExistsError(f"{where} exists but is damaged ({damaged}); it is never overwritten: "
+                                     f"remove {self._dir(ours.version)} to publish it again") from None
+        if not there.same_content(ours):
+            raise VersionExistsError(
+                f"{where} was already published (at {there.created_at}, sha256 {there.sha256[:12]}, "
+                f"{len(there.seen_classes)} classes) with other content than this one (sha256 {ours.sha256[:12]}): "
+                "versions are immutable. Another driver publishes to the same store: give each run its own "
+                "store_url (or name), or start over in a new one") from None
+        log.info("%s is already in the store with the same content; not written again", where)
+        return there
+
     def versions(self) -> list[int]:
-        """Committed versions, ascending. Entries without a manifest, or whose manifest does not parse,
-        are skipped: a half-written or damaged entry must not stop readers from using the good ones."""
+        """Committed versions, ascending. Entries without a manifest, whose manifest does not parse, or whose files
+        are missing or of another size than it says, are skipped: a half-written or damaged entry must not stop
+        readers from using the good ones (load() also checks every byte against the sha256)."""
         found = []
         for version in numbered_entries(self.fs, self.root, VERSION_PREFIX):
             try:
-                self.manifest(version)
-            except (FileNotFoundError, CorruptEntryError):
+                self._check_sizes(self.manifest(version))
+            except FileNotFoundError:
+                continue
+            except CorruptEntryError as error:
+                log.warning("skipping store version %s of %s: %s", version, self.url, error)
                 continue
             found.append(version)
         return found
@@ -116,6 +162,31 @@ class ProjectionStore:
     def latest(self) -> Manifest | None:
         versions = self.versions()
         return self.manifest(versions[-1]) if versions else None
+
+    def newest_good(self) -> tuple[Manifest, bytes] | None:
+        """Manifest and weights of the newest version whose every file matches its sha256, falling back past
+        damaged ones (each skipped with a warning); None when no version is good."""
+        for version in reversed(self.versions()):
+            try:
+                manifest, weights = self.load(version)
+                self.class_stats(manifest)
+            except (FileNotFoundError, CorruptEntryError) as error:
+                log.warning("store %s: version %s fails its checks (%s); falling back to an older one",
+                            self.url, version, error)
+                continue
+            return manifest, weights
+        return None
+
+    def _check_sizes(self, manifest: Manifest) -> None:
+        """CorruptEntryError unless every file the manifest names is there with its size (one listing)."""
+        sizes = {info["name"].rstrip("/").rsplit("/", 1)[-1]: info.get("size")
+                 for info in self.fs.ls(self._dir(manifest.version), detail=True)}
+        expected = {WEIGHTS_FILE: manifest.size,
+                    **({CLASS_STATS_FILE: manifest.class_stats.size} if manifest.class_stats else {})}
+        for name, size in expected.items():
+            if sizes.get(name) != size:
+                found = "missing" if name not in sizes else f"{sizes[name]} bytes"
+                raise CorruptEntryError(f"version {manifest.version}: {name} is {found}, manifest says {size} bytes")
 
     def manifest(self, version: int) -> Manifest:
         """The manifest of a version; FileNotFoundError if uncommitted, CorruptEntryError if damaged."""
