@@ -23,7 +23,7 @@ from .training.config import TrainConfig
 
 DEFAULT_CONFIG = CONFIGS_DIR / "demo.yaml"
 # fields that may hold credentials: left out wherever a config is written down (model_dump(exclude=...))
-CREDENTIAL_FIELDS = {"storage": {"options"}, "dataset": {"storage_options"}}
+CREDENTIAL_FIELDS = {"storage": {"options"}, "dataset": {"storage_options"}, "alignment": {"dataset": {"storage_options"}}}
 # Where a run executes, not what it computes: these may change between a run and its resumption (the
 # store may move too: a resumed run checks the sha256 of the projection it continues from).
 NOT_HASHED = ("ray_address", "cache_dir", "output_dir", "store_url", "storage", "tracking")
@@ -46,7 +46,11 @@ class AlignmentConfig(Strict):
 
     enabled: bool = True
     projection: str | None = Field(None, description="safetensors file; default: shipped or built for the stack")
-    num_classes: int = Field(150, ge=1)
+    dataset: DatasetConfig | None = Field(None, description="align on this corpus (e.g. the folder written by "
+                                                            "scripts/build_alignment_corpus.py) instead of classes "
+                                                            "of the experiment's dataset; its classes that the "
+                                                            "experiment's dataset also names are never used")
+    num_classes: int | None = Field(150, ge=1, description="seeded choice of this many classes; null: every one")
     train_per_class: int = Field(30, ge=1)
     class_seed: int = 12345
     epochs: int = Field(1, ge=1)

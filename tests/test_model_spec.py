@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 # to gmm_model/spec.py.
 FINGERPRINTS = {
     "offline-small": "1b73d88d6e5b",
+    "offline-lite2": "121d18192578",
     "paper-minigpt4-vicuna7b": "1f22a5662498",
     "clip-vitb16-qwen2.5-1.5b": "df550fd78b01",
     "timm-convnext-tiny-smollm2-360m": "1f31c0f98d0f",
@@ -92,3 +93,31 @@ def test_torch_dtype_names_the_three_precisions_and_refuses_others():
     for name in ("bf16", "fp32", "int8", ""):
         with pytest.raises(ValueError, match=f"unknown dtype {name!r}.*float32, bfloat16, float16"):
             torch_dtype(name)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("hot\u200bdog", "hotdog"),  # zero-width space
+    ("\ufeffcat", "cat"),  # a byte-order mark left by a CSV export
+    ("ca\u00adt", "cat"),  # soft hyphen
+    ("\u202egod", "god"),  # right-to-left override: would display reversed
+    ("hot\u00a0dog", "hot dog"),  # a no-break space is whitespace
+])
+def test_class_names_lose_invisible_characters(raw, expected):
+    from gmm_model.spec import normalise_class_name
+
+    assert normalise_class_name(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["cat\x00", "\x1b[31mred", "dog\x7f", "caf\udce9"])  # NUL, ANSI escape, DEL, bad UTF-8
+def test_class_names_with_control_characters_or_undecodable_bytes_are_refused(raw):
+    from gmm_model.spec import normalise_class_name
+
+    with pytest.raises(ValueError, match="control characters or undecodable bytes .*rename the class"):
+        normalise_class_name(raw)
+
+
+def test_a_name_of_invisible_characters_only_is_empty():
+    from gmm_model.spec import normalise_class_name
+
+    with pytest.raises(ValueError, match="empty"):
+        normalise_class_name("\u200b\u200d ")
