@@ -24,7 +24,7 @@ from gmm_model.spec import ModelStack
 
 from .config import ExperimentConfig
 from .data import dataset_class_names
-from .features import features_for
+from .features import feature_sets_for
 from .paths import ASSETS_DIR
 from .storage.atomic import atomic_write_bytes
 from .training.fit import FitSpec, fit_projection
@@ -146,8 +146,8 @@ def align_projection(cfg: ExperimentConfig, class_names: list[str], visual_width
     align = cfg.alignment
     source, pool, reserved = alignment_source(cfg, class_names)
     classes = alignment_classes(pool, align.num_classes, align.class_seed, reserved=reserved)
-    train, _ = features_for(source, encoder_identity, classes, train_per_class=align.train_per_class,
-                            test_per_class=1)
+    train, _ = feature_sets_for(source, encoder_identity, classes, train_per_class=align.train_per_class,
+                                test_per_class=1)
     result = fit_projection(FitSpec(
         name="alignment", features=train, start=None, stack=cfg.stack, visual_width=visual_width,
         cache_dir=cfg.cache_dir, train=cfg.train.model_copy(update={"epochs": align.epochs, "lr": align.lr}),

@@ -5,7 +5,10 @@
 - linear_sequential: a linear head trained on each task's data only (shows forgetting).
 - joint: a linear head retrained on all seen classes' data at every task (the upper bound).
 - ridge, ranpac, lda: closed-form classifiers kept as sufficient statistics, exemplar-free (closed_form.py).
-Features are the encoder tokens averaged into one vector (the encoder's global embedding).
+Features are the encoder tokens averaged into one vector (the encoder's global embedding), computed batch by batch
+from the rows (a FeatureSet streams them from the feature cache); predictions are made batch by batch too.
+The heads train in memory on the pooled vectors of their data, read in one pass per task: linear_sequential holds
+one task's, joint every seen image's (it is the upper bound that keeps all data; docs/data_plane.md).
 `state_dict` / `load_state_dict` (numpy arrays and JSON values) let a resumed run continue where it stopped.
 """
 from __future__ import annotations
@@ -14,13 +17,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .class_stats import ClassStatistics, pooled_unit
+from .class_stats import ClassStatistics, pooled_rows, pooled_unit
 from .closed_form import CLOSED_FORM
-from .features import FeatureTable
+from .features import FeatureSet, FeatureTable, key_bytes
 
 
-def embed(table: FeatureTable) -> torch.Tensor:
-    return pooled_unit(table.features)
+def embed(rows: FeatureSet | FeatureTable) -> torch.Tensor:
+    return pooled_rows(rows)
+
+
+def argmax_classes(test: FeatureSet | FeatureTable, seen: list[str], scores) -> list[str]:
+    """The best-scoring seen class of each test row (in row order), `scores(pooled unit vectors)` batch by batch."""
+    best = np.zeros(len(test), dtype=np.int64)
+    for batch in test.batches():
+        best[batch.positions] = scores(pooled_unit(batch.features)).argmax(1).numpy()
+    return [seen[i] for i in best.tolist()]
 
 
 class NearestClassMean:
@@ -34,9 +45,9 @@ class NearestClassMean:
     def learn(self, train: FeatureTable, seen: list[str]) -> None:
         pass
 
-    def predict(self, test: FeatureTable, seen: list[str]) -> list[str]:
-        scores = embed(test) @ torch.from_numpy(self.stats.matrix("prototype", seen)).T
-        return [seen[i] for i in scores.argmax(1).tolist()]
+    def predict(self, test: FeatureSet | FeatureTable, seen: list[str]) -> list[str]:
+        prototypes = torch.from_numpy(self.stats.matrix("prototype", seen)).T
+        return argmax_classes(test, seen, lambda x: x @ prototypes)
 
     @property
     def memory_bytes(self) -> int:
@@ -50,25 +61,28 @@ class NearestClassMean:
 
 
 class LinearHead:
-    """Softmax head over unit-norm features (logits scaled by 10); `joint` retrains from scratch on all seen data."""
+    """Softmax head over unit-norm features (logits scaled by 10); `joint` retrains from scratch on all seen data.
+    `pool` (the experiment's training set) is where a resumed joint head finds the streamed sets it saw by key."""
 
-    def __init__(self, joint: bool, seed: int = 0, epochs: int = 30, lr: float = 1e-2):
+    def __init__(self, joint: bool, seed: int = 0, epochs: int = 30, lr: float = 1e-2, pool: FeatureSet | None = None):
         self.name = "joint" if joint else "linear_sequential"
         self.joint, self.epochs, self.lr = joint, epochs, lr
         self.generator = torch.Generator().manual_seed(seed)
         self.weight = torch.zeros(0, 0)
         self.bias = torch.zeros(0)
-        self.seen_data: list[FeatureTable] = []
+        self.pool = pool
+        self.seen_data: list[FeatureSet | FeatureTable] = []
+        self.embedded: list[torch.Tensor] = []  # pooled vectors of seen_data read so far (joint reads each set once)
 
-    def learn(self, train: FeatureTable, seen: list[str]) -> None:
+    def learn(self, train: FeatureSet | FeatureTable, seen: list[str]) -> None:
         if self.joint:
             self.seen_data.append(train)
-            data = FeatureTable(np.concatenate([t.features for t in self.seen_data]),
-                                np.concatenate([t.labels for t in self.seen_data]),
-                                np.concatenate([t.keys for t in self.seen_data]))
-        else:
-            data = train
-        x, y = embed(data), torch.tensor([seen.index(str(c)) for c in data.labels])
+        data = self.seen_data if self.joint else [train]
+        column = {name: i for i, name in enumerate(seen)}
+        if self.joint:
+            self.embedded += [embed(t) for t in self.seen_data[len(self.embedded):]]
+        x = torch.cat(self.embedded if self.joint else [embed(train)])
+        y = torch.tensor([column[str(c)] for t in data for c in t.labels])
         dim = x.shape[1]
         weight = torch.zeros(len(seen), dim)
         bias = torch.zeros(len(seen))
@@ -85,32 +99,41 @@ class LinearHead:
                 optimizer.step()
         self.weight, self.bias = weight.detach(), bias.detach()
 
-    def predict(self, test: FeatureTable, seen: list[str]) -> list[str]:
-        scores = embed(test) @ self.weight.T * 10 + self.bias
-        return [seen[i] for i in scores.argmax(1).tolist()]
+    def predict(self, test: FeatureSet | FeatureTable, seen: list[str]) -> list[str]:
+        return argmax_classes(test, seen, lambda x: x @ self.weight.T * 10 + self.bias)
 
     @property
     def memory_bytes(self) -> int:
-        return sum(t.features.nbytes for t in self.seen_data)
+        return sum(t.nbytes for t in self.seen_data)
 
     def state_dict(self) -> dict:  # with the generator's state: later tasks shuffle as if never stopped
         return {"weight": self.weight.numpy(), "bias": self.bias.numpy(),
                 "generator": self.generator.get_state().numpy(),
-                "seen_data": [{"features": t.features, "labels": t.labels.tolist(), "keys": t.keys.tolist()}
-                              for t in self.seen_data]}
+                "seen_data": [{"labels": t.labels.tolist(), "keys": t.keys.tolist(),
+                               **({"features": t.features} if isinstance(t, FeatureTable) else {})}
+                              for t in self.seen_data]}  # a streamed set: its keys, found again in the pool
 
     def load_state_dict(self, state: dict) -> None:
         self.weight, self.bias = torch.from_numpy(np.array(state["weight"])), torch.from_numpy(np.array(state["bias"]))
         self.generator.set_state(torch.from_numpy(np.array(state["generator"])))
+        self.embedded = []
         self.seen_data = [FeatureTable(t["features"], np.asarray(t["labels"], dtype=object),
-                                       np.asarray(t["keys"], dtype=object)) for t in state["seen_data"]]
+                                       np.asarray(t["keys"], dtype=object))
+                          if "features" in t else self._in_pool(t["keys"]) for t in state["seen_data"]]
+
+    def _in_pool(self, keys: list[str]) -> FeatureSet:
+        if self.pool is None:
+            raise ValueError(f"{self.name}: a saved streamed set needs the experiment's training set to be found in")
+        wanted, mine = key_bytes(keys), self.pool.key_bytes
+        width = mine.shape[1]
+        return self.pool.subset(np.isin(mine.view(f"S{width}").ravel(), wanted.view(f"S{width}").ravel()))
 
 
-def make_baseline(name: str, stats: ClassStatistics, seed: int = 0):
+def make_baseline(name: str, stats: ClassStatistics, seed: int = 0, pool: FeatureSet | None = None):
     if name == "ncm":
         return NearestClassMean(stats)
     if name in ("linear_sequential", "joint"):
-        return LinearHead(joint=name == "joint", seed=seed)
+        return LinearHead(joint=name == "joint", seed=seed, pool=pool)
     if name in CLOSED_FORM:
         return CLOSED_FORM[name](seed=seed)
     raise ValueError(f"unknown baseline {name!r}; use ncm, linear_sequential, joint, {', '.join(CLOSED_FORM)}")

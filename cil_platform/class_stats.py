@@ -4,6 +4,8 @@ Per seen class: the mean and standard deviation of every visual token (T, D), an
 mean of the class's unit-norm mean-pooled features, as nearest-class-mean (SimpleCIL) uses it. One component serves
 pseudo-feature replay (the Gaussians), the first-token prior (the means), the prototype fusion and the NCM baseline
 (the prototypes): learned once per task, persisted once with the run state, and counted once in memory figures.
+They are sufficient statistics: `learn` accumulates per-class sums over a stream of batches (a FeatureSet streams
+them from the feature cache), so the driver holds one batch and O(classes) sums, never a class's features.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .features import FeatureTable
+from .features import FeatureSet, FeatureTable
 
 Part = Literal["mean", "std", "prototype"]
 
@@ -23,6 +25,18 @@ def pooled_unit(features: np.ndarray) -> torch.Tensor:
     return F.normalize(torch.from_numpy(features.astype(np.float32)).mean(1), dim=1)
 
 
+def pooled_rows(rows: FeatureSet | FeatureTable, batch_size: int = 1024) -> torch.Tensor:
+    """pooled_unit of every row, in row order, computed batch by batch: (N, D) float32, half the bytes of the
+    features themselves for 4 float16 tokens."""
+    out = torch.zeros(0, 0)
+    for batch in rows.batches(batch_size):
+        pooled = pooled_unit(batch.features)
+        if not out.numel():
+            out = torch.zeros(len(rows), pooled.shape[1])
+        out[torch.tensor(batch.positions)] = pooled
+    return out
+
+
 class ClassStatistics:
     def __init__(self) -> None:
         self.classes: list[str] = []  # in the order they were learned: replay draws classes by index
@@ -30,13 +44,26 @@ class ClassStatistics:
         self.std: dict[str, np.ndarray] = {}
         self.prototype: dict[str, np.ndarray] = {}
 
-    def learn(self, train: FeatureTable) -> None:
-        """Add (or replace) the statistics of every class with rows in `train`."""
-        for name, features in train.by_class():
+    def learn(self, train: FeatureSet | FeatureTable, batch_size: int = 256) -> None:
+        """Add (or replace) the statistics of every class with rows in `train` (classes in order of first appearance),
+        from float64 sums of x, x^2 and the pooled unit vectors over its batches."""
+        sums: dict[str, list] = {str(name): [0, 0.0, 0.0, 0.0] for name in dict.fromkeys(train.labels)}
+        for batch in train.batches(batch_size):
+            pooled = pooled_unit(batch.features).double().numpy()
+            for name in dict.fromkeys(batch.labels):
+                mask = batch.labels == name
+                x, total = batch.features[mask].astype(np.float64), sums[str(name)]
+                total[0] += len(x)
+                total[1] = total[1] + x.sum(0)
+                total[2] = total[2] + (x * x).sum(0)
+                total[3] = total[3] + pooled[mask].sum(0)
+        for name, (count, linear, square, pooled) in sums.items():
             if name not in self.mean:
                 self.classes.append(name)
-            self.mean[name], self.std[name] = features.mean(0), features.std(0)
-            self.prototype[name] = F.normalize(pooled_unit(features).mean(0), dim=0).numpy()
+            mean = linear / count
+            self.mean[name] = mean.astype(np.float32)
+            self.std[name] = np.sqrt(np.maximum(square / count - mean * mean, 0.0)).astype(np.float32)
+            self.prototype[name] = F.normalize(torch.from_numpy(pooled / count).float(), dim=0).numpy()
 
     def matrix(self, part: Part, classes: Iterable[str]) -> np.ndarray:
         """(C, ...) stacked statistics of `classes`, in that order."""

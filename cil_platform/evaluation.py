@@ -1,10 +1,11 @@
 """Evaluation after each task: every seen class's test features through `gmm_model.classify`, once per rule.
 
 It runs on the training session's own workers (training/session.py), which already hold the frozen LLM: each
-worker classifies its shard of the test set with the new projection, so an experiment keeps one set of LLM copies
-and starts none per task. The statistics a rule needs (the first-token prior, estimated here with the new
-projection over the class means; the prototypes) come back with the labels, so the store publishes exactly what
-was measured.
+worker reads its shard of the test set (a Ray Dataset of the feature cache: the features never pass through the
+driver) and classifies it with the new projection, so an experiment keeps one set of LLM copies and starts none per
+task. A worker answers one class index per image and rule, not features or strings. The statistics a rule needs (the
+first-token prior, estimated here with the new projection over the class means; the prototypes) come back with the
+labels, so the store publishes exactly what was measured.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from gmm_model.classify import ClassifierStats, Rule, classify_rules, first_token_prior
 
-from .features import FeatureTable
+from .features import FeatureSet, FeatureTable
 from .training.session import TrainingSession
 
 
@@ -38,17 +39,18 @@ def first_token_log_prob(gmm, matcher, features: np.ndarray, class_names: list[s
 
 
 def predict(gmm, matcher, features: np.ndarray, class_names: list[str], batch_size: int, rules: list[Rule],
-            stats: ClassifierStats) -> dict[Rule, list[str]]:
-    """Each rule's label for each feature set. A shard function."""
-    out: dict[Rule, list[str]] = {rule: [] for rule in rules}
+            stats: ClassifierStats) -> dict[Rule, np.ndarray]:
+    """Each rule's predicted class (its index in `class_names`, int32) for each feature set. A shard function."""
+    column = {name: i for i, name in enumerate(class_names)}
+    out: dict[Rule, list[int]] = {rule: [] for rule in rules}
     for batch in _batches(features, batch_size):
         for rule, predictions in classify_rules(gmm, batch, class_names, rules, stats, matcher).items():
-            out[rule] += [p.label for p in predictions]
-    return out
+            out[rule] += [column[p.label] for p in predictions]
+    return {rule: np.asarray(found, dtype=np.int32) for rule, found in out.items()}
 
 
-def evaluate(session: TrainingSession, weights: bytes, test: FeatureTable, class_names: list[str], rules: list[Rule],
-             batch_size: int, class_means: np.ndarray | None = None,
+def evaluate(session: TrainingSession, weights: bytes, test: FeatureSet | FeatureTable, class_names: list[str],
+             rules: list[Rule], batch_size: int, class_means: np.ndarray | None = None,
              prototypes: np.ndarray | None = None) -> Evaluation:
     """Labels of `test` under each rule, with the projection `weights`. `class_means` ((C, T, D), class order) are
     needed by prior rules: the prior is the model's average first-token preference over them; `prototypes`
@@ -58,6 +60,6 @@ def evaluate(session: TrainingSession, weights: bytes, test: FeatureTable, class
         scores = session.map_shards(first_token_log_prob, weights, class_means, class_names, batch_size)
         prior = first_token_prior(torch.from_numpy(np.concatenate(scores)))
     stats = ClassifierStats(prior, torch.tensor(prototypes) if any(r.prototypes for r in rules) else None)
-    parts = session.map_shards(predict, weights, test.features, class_names, batch_size, rules, stats,
+    parts = session.map_shards(predict, weights, test, class_names, batch_size, rules, stats,
                                matcher=any(rule is Rule.FREE for rule in rules))
-    return Evaluation({rule: [label for part in parts for label in part[rule]] for rule in rules}, stats)
+    return Evaluation({rule: [class_names[i] for part in parts for i in part[rule]] for rule in rules}, stats)

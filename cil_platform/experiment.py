@@ -2,7 +2,8 @@
 task, then the summary.
 
 set_up:   Ray, run state, the stage-1 aligned projection, the scenario (classes disjoint from alignment's),
-          cached frozen features, the class statistics, replay memory, baselines and the evaluator pool.
+          cached frozen features (streamed sets: the driver holds labels, keys and cache places, never features),
+          the class statistics, replay memory and baselines; the training session starts with the first task to run.
 run_task: the Ray Train fit of the projection (with replay) -> the class statistics of the new classes ->
           evaluation on all seen classes under every rule -> ONE publication to the projection store (projection,
           the statistics its rule needs, its metrics) -> the baselines -> the run state (resumable after this task).
@@ -21,7 +22,6 @@ import ray
 
 from gmm_model import create_encoder
 from gmm_model.classify import ClassifierStats
-from gmm_model.llm import prepare_llm
 from gmm_model.rules import Rule
 
 from .alignment import AlignedProjection, resolve_alignment
@@ -30,7 +30,7 @@ from .class_stats import ClassStatistics, Part
 from .config import CREDENTIAL_FIELDS, ExperimentConfig
 from .data import dataset_class_names
 from .evaluation import evaluate
-from .features import FeatureTable, features_for
+from .features import FeatureSet, feature_sets_for
 from .metrics import CLMetrics, evaluate_task
 from .paths import REPO_ROOT
 from .progress import Console
@@ -110,16 +110,29 @@ class Setup:
     scenario: ClassIncremental
     aligned: AlignedProjection | None
     visual_width: int
-    train: FeatureTable
-    test: FeatureTable
+    train: FeatureSet
+    test: FeatureSet
     store: ProjectionStore
     run: RunState
     stats: ClassStatistics
     memory: object  # a replay memory (replay.py)
     baselines: list
-    session: TrainingSession  # the experiment's one worker group: trains every task and evaluates it
+    session_spec: SessionSpec  # the experiment's one worker group: trains every task and evaluates it
     on_publish: OnPublish | None
     console: Console  # what the run tells its user (progress.py)
+    started_session: TrainingSession | None = None
+
+    @property
+    def session(self) -> TrainingSession:
+        """Started on first use: a resumed run with no task left never pays for the worker group (about 27 s)."""
+        if self.started_session is None:
+            self.console.phase("workers")  # one word: a task's progress bar shows it as a phase
+            self.started_session = TrainingSession(self.session_spec)
+        return self.started_session
+
+    def close_session(self) -> None:
+        if self.started_session is not None:
+            self.started_session.close()
 
     @property
     def rules(self) -> list[Rule]:
@@ -154,22 +167,20 @@ def set_up(cfg: ExperimentConfig, fresh: bool, on_publish: OnPublish | None, sta
         raise ValueError(f"scenario classes overlap the alignment classes: {sorted(held_out & set(cfg.scenario.class_order))}")
     scenario = build_scenario(cfg.scenario, [c for c in all_classes if c not in held_out], cfg.seed)
     console.phase("features")
-    train, test = features_for(cfg, encoder.identity, scenario.class_order)
+    train, test = feature_sets_for(cfg, encoder.identity, scenario.class_order)
     console.say(f"{scenario.name}: {len(scenario)} tasks, {len(train)} train / {len(test)} test images, "
                   f"skipped {dict(train.skipped + test.skipped) or 0}; features ready at "
                   f"{time.perf_counter() - started:.0f}s")
     stats = ClassStatistics()
-    console.phase("LLM, training workers")
-    prepare_llm(cfg.stack.llm, cfg.cache_dir)  # once, here: else every trainer and evaluator de-quantises a GGUF
     return Setup(
         cfg=cfg, scenario=scenario, aligned=aligned, visual_width=encoder.width, train=train, test=test,
         store=ProjectionStore(cfg.store_url, cfg.storage.options), run=run, stats=stats,
         memory=make_memory(cfg.replay.mode, stats, cfg.replay.budget, cfg.replay.selection, cfg.seed),
-        baselines=[make_baseline(name, stats, cfg.seed) for name in cfg.baselines],
-        session=TrainingSession(SessionSpec(
+        baselines=[make_baseline(name, stats, cfg.seed, pool=train) for name in cfg.baselines],
+        session_spec=SessionSpec(  # the session de-quantises the LLM once when it starts (TrainingSession)
             name="experiment", stack=cfg.stack, visual_width=encoder.width, cache_dir=cfg.cache_dir, train=cfg.train,
             storage_url=cfg.train_storage_url, storage_options=cfg.storage.options,
-            max_failures=cfg.train.max_failures)),
+            max_failures=cfg.train.max_failures),
         on_publish=on_publish, console=console)
 
 
@@ -187,9 +198,9 @@ def start_or_resume(setup: Setup) -> tuple[Progress, int]:
     return progress, resumed.next_task
 
 
-def fit_task(setup: Setup, task: Task, features: FeatureTable, start: bytes | None) -> FitResult:
+def fit_task(setup: Setup, task: Task, rows: FeatureSet, start: bytes | None) -> FitResult:
     cfg = setup.cfg
-    return setup.session.fit(f"task-{task.index:03d}", features.features, [str(y) for y in features.labels], start,
+    return setup.session.fit(f"task-{task.index:03d}", rows, start,
                              seed=cfg.seed + 1000 * (task.index + 1), replay=setup.memory.payload(),
                              replay_ratio=cfg.replay.ratio if cfg.replay.mode != "none" else 0.0)
 
@@ -313,7 +324,7 @@ def run_and_report(setup: Setup, started: float) -> dict:
         tracker.fail(error)
         raise
     finally:
-        setup.session.close()
+        setup.close_session()
     results = summarise(setup, progress, time.perf_counter() - started)
     paths = write_report(cfg.output_dir, results)
     if cfg.storage.url:  # and beside the store: the driver's disk may not outlive a cluster

@@ -1,12 +1,18 @@
-"""Frozen-encoder features, computed once per image with Ray Data and cached on any fsspec URL.
+"""Frozen-encoder features, computed once per image with Ray Data and cached on any fsspec URL; read back by Ray Data.
 
 Entries are keyed by (image content hash, encoder identity): the identity names weights, input size
-and pooling, so a change to any of them is a cache miss rather than a silent reuse. Each extraction
-writes one new shard atomically (temp file + rename locally, a single put on object stores); a
-half-written shard is never listed because only `*.safetensors` names are read. A shard's metadata
-carries the sha256 of its tensors and its creation stamp: a shard that does not parse, does not match
-its sha256, or has none (written before they existed) is skipped with a warning, never trusted; which
+and pooling, so a change to any of them is a cache miss rather than a silent reuse. Each extraction batch
+writes one new shard atomically from the encoder actor that computed it (temp file + rename locally, a single
+put on object stores); a half-written shard is never listed because only `*.safetensors` names are read. A
+shard's metadata carries the sha256 of its tensors and its creation stamp: a shard that does not parse, does not
+match its sha256, or has none (written before they existed) is skipped with a warning, never trusted; which
 value of a key wins is decided by the stamps, not by file names.
+
+The driver never holds the features (docs/data_plane.md): a `FeatureSet` is, per image, its label (a class code),
+content key and place in the cache (shard, row), about 30 bytes; its features are read by Ray Data tasks, every
+shard verified on every read, into the process that consumes them (a training or evaluation worker through
+`dataset`, a class statistic or a baseline through `batches`). `FeatureTable` is the in-memory form: one batch of
+a stream, or a small set built in memory (tests, synthetic benchmarks); both have the same interface.
 """
 from __future__ import annotations
 
@@ -36,15 +42,31 @@ from .storage.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
+READ_TASKS = 2  # concurrent Ray Data read tasks per stream; they ask for no CPU (see _read_options)
+
+
+def _read_options(inputs: int) -> dict:
+    """Ray Data map options of every feature read over `inputs` blocks: num_cpus=0, because a training session's
+    workers hold every CPU of a small node for the whole experiment and a read that waited for a CPU would wait
+    forever; the pool size caps the concurrent reads instead."""
+    return {"num_cpus": 0, "compute": ray.data.TaskPoolStrategy(size=max(1, min(READ_TASKS, inputs)))}
+
+
+def _ordered() -> None:
+    """Streams come out in the order of their inputs (a dataset captures the current DataContext when it is made):
+    a consumer's rows are a function of the set, not of Ray's scheduling."""
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+
 
 @dataclass
 class FeatureTable:
-    """Encoder tokens of a set of images: features (N, T, D) float16, labels and content keys."""
+    """Encoder tokens of a set of images held in memory: features (N, T, D) float16, labels and content keys."""
 
     features: np.ndarray
     labels: np.ndarray
     keys: np.ndarray
     skipped: Counter = field(default_factory=Counter)
+    positions: np.ndarray | None = None  # a batch's rows' positions in the set it was streamed from
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -56,11 +78,41 @@ class FeatureTable:
         """The rows where the boolean `mask` is true."""
         return FeatureTable(self.features[mask], self.labels[mask], self.keys[mask])
 
+    def batches(self, size: int = 1024) -> Iterator["FeatureTable"]:
+        """Every row, `size` at a time, each batch with its rows' `positions` (what a streamed set yields; here,
+        slices in order)."""
+        for start in range(0, len(self), size):
+            batch = self.subset(slice(start, start + size))
+            batch.positions = np.arange(start, start + len(batch))
+            yield batch
+
     def by_class(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(class name, its rows' features as float32), classes in order of first appearance: what every
-        class statistic (replay Gaussians, the prior's class means) is computed from."""
+        """(class name, its rows' features as float32), classes in order of first appearance."""
         for name in dict.fromkeys(self.labels):
             yield str(name), self.features[self.labels == name].astype(np.float32)
+
+    def dataset(self, positions: np.ndarray) -> ray.data.Dataset:
+        """The rows at `positions` as a Ray Dataset of {position, label, features} (read_positions reads it back)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return ray.data.from_blocks([ray.data.block.BlockAccessor.batch_to_block(
+            {"position": positions, "label": np.asarray([str(y) for y in self.labels[positions]]),
+             "features": np.ascontiguousarray(self.features[positions])})])
+
+    @property
+    def nbytes(self) -> int:
+        return self.features.nbytes
+
+
+def read_positions(dataset: ray.data.Dataset) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(positions, labels, features) of a dataset made by `dataset(positions)`, sorted by position: the rows a
+    consumer gets are a function of the positions it was given, whatever order Ray delivered the blocks in."""
+    parts = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    if not parts:
+        return np.zeros(0, np.int64), [], np.zeros((0, 0, 0), np.float16)
+    positions = np.concatenate([p["position"] for p in parts])
+    order = np.argsort(positions, kind="stable")
+    labels = np.concatenate([p["label"] for p in parts])[order]
+    return positions[order], [str(y) for y in labels], np.concatenate([p["features"] for p in parts])[order]
 
 
 class FeatureCache:
@@ -78,15 +130,42 @@ class FeatureCache:
         return sorted(p for p in self.fs.ls(self.dir, detail=False) if p.endswith(".safetensors"))
 
     def load_all(self) -> dict[str, np.ndarray]:
-        """key -> (T, D) features, over every good shard. The oldest entry of a key (by the shards' creation
-        stamps) wins: runs that encoded the same image at the same time may differ in the last float16 bit (batch
-        composition), and every later reader must see one value, the same for all."""
-        shards = [loaded for path in self._shards() if (loaded := self._load_checked(path)) is not None]
-        table: dict[str, np.ndarray] = {}
-        for _, tensors in sorted(shards, key=lambda shard: shard[0]):
-            for key, features in zip(tensors["keys"], tensors["features"]):
-                table.setdefault(bytes(key).hex(), features)
-        return table
+        """key -> (T, D) features, over every good shard, read in this process (a small cache: tools, tests). The
+        oldest entry of a key (by the shards' creation stamps) wins: runs that encoded the same image at the same
+        time may differ in the last float16 bit (batch composition), and every later reader must see one value."""
+        shards = {path: loaded for path in self._shards() if (loaded := self._load_checked(path)) is not None}
+        index = CacheIndex.of([(path, stamp, tensors["keys"], tensors["features"].shape[1:])
+                               for path, (stamp, tensors) in shards.items()])
+        return {key.tobytes().hex(): shards[index.shards[s]][1]["features"][r]
+                for key, s, r in zip(index.keys, index.shard, index.row)}
+
+    def index(self) -> "CacheIndex":
+        """Where each key's winning value lives, over every good shard: a Ray Data pass that reads and verifies every
+        shard in parallel and hands the driver only each shard's keys and stamp (the features stay where they are)."""
+        paths = self._shards()
+        if not paths:
+            return CacheIndex.of([])
+        _ordered()
+        blocks = min(len(paths), 200)
+        listed = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks).map_batches(
+            _index_shards, fn_kwargs={"cache": self}, batch_size=8, **_read_options(blocks))
+        found = []
+        for batch in listed.iter_batches(batch_size=None, batch_format="numpy"):
+            for path, stamp, writer, width, keys, shape in zip(batch["path"], batch["stamp"], batch["writer"],
+                                                               batch["width"], batch["keys"], batch["shape"]):
+                if width >= 0:  # -1: skipped (damaged), with the reader's warning in its log
+                    found.append((str(path), (int(stamp), str(writer)),
+                                  np.frombuffer(keys, np.uint8).reshape(-1, max(int(width), 1)),
+                                  tuple(json.loads(shape))))
+        return CacheIndex.of(found)
+
+    def read(self, path: str) -> dict[str, np.ndarray]:
+        """A shard's tensors, verified; a shard damaged since it was indexed is an error naming it."""
+        loaded = self._load_checked(path)
+        if loaded is None:
+            raise ValueError(f"feature cache shard {path} is gone or damaged since it was indexed; run again to "
+                             "re-encode its images")
+        return loaded[1]
 
     def _load_checked(self, path: str) -> tuple[tuple[int, str], dict[str, np.ndarray]] | None:
         """((creation stamp, writer), tensors) of a shard whose sha256 matches; None, with a warning, otherwise."""
@@ -117,6 +196,192 @@ class FeatureCache:
         atomic_write_bytes(self.fs, f"{self.dir}/{stamp:020d}-{writer}.safetensors", blob)
 
 
+def _index_shards(batch: dict, cache: FeatureCache) -> dict:
+    """Ray Data map: each shard's stamp, writer, token shape and keys (bytes); width -1 for a shard that failed its
+    check (skipped, with the reader's warning)."""
+    out = {"path": [], "stamp": [], "writer": [], "width": [], "keys": [], "shape": []}
+    for path in batch["path"]:
+        loaded = cache._load_checked(str(path))
+        (stamp, writer), tensors = loaded if loaded else ((0, ""), None)
+        keys = tensors["keys"] if tensors else np.zeros((0, 0), np.uint8)
+        out["path"].append(str(path))
+        out["stamp"].append(stamp)
+        out["writer"].append(writer)
+        out["width"].append(keys.shape[1] if tensors else -1)
+        out["keys"].append(np.ascontiguousarray(keys).tobytes())
+        out["shape"].append(json.dumps(list(tensors["features"].shape[1:])) if tensors else "[]")
+    return {"path": np.asarray(out["path"]), "stamp": np.asarray(out["stamp"], np.int64),
+            "writer": np.asarray(out["writer"]), "width": np.asarray(out["width"], np.int64),
+            "keys": np.asarray(out["keys"], dtype=object), "shape": np.asarray(out["shape"])}
+
+
+@dataclass
+class CacheIndex:
+    """Where the winning (oldest) value of every cached key lives: per key, sorted by its bytes, the shard and row."""
+
+    shards: list[str]
+    keys: np.ndarray  # (K, L) uint8, rows sorted by their bytes
+    shard: np.ndarray  # (K,) int32: index into `shards`
+    row: np.ndarray  # (K,) int32: row within that shard
+    token_shape: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, found: list[tuple[str, tuple[int, str], np.ndarray, tuple[int, ...]]]) -> "CacheIndex":
+        """From (path, (stamp, writer), keys (n, L) uint8, token shape) of every good shard; a key in several shards
+        resolves to the oldest one (by stamp, then writer)."""
+        found = sorted(found, key=lambda shard: shard[1])
+        if not found:
+            return cls([], np.zeros((0, 0), np.uint8), np.zeros(0, np.int32), np.zeros(0, np.int32))
+        widths, shapes = {f[2].shape[1] for f in found if len(f[2])}, {tuple(f[3]) for f in found if len(f[2])}
+        if len(widths) > 1 or len(shapes) > 1:
+            raise ValueError(f"feature cache shards disagree on key width {widths} or token shape {shapes}")
+        width = widths.pop() if widths else 0
+        keys = np.concatenate([f[2].reshape(-1, width) for f in found]).astype(np.uint8)
+        shard = np.concatenate([np.full(len(f[2]), i, np.int32) for i, f in enumerate(found)])
+        row = np.concatenate([np.arange(len(f[2]), dtype=np.int32) for f in found])
+        _, first = np.unique(_as_bytes(keys), return_index=True)  # first occurrence in oldest-first order
+        return cls([f[0] for f in found], keys[first], shard[first], row[first], shapes.pop() if shapes else ())
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def locate(self, keys: np.ndarray) -> np.ndarray:
+        """Index into this index of each key ((n, L) uint8); -1 where a key is not cached."""
+        if not len(self) or not len(keys):
+            return np.full(len(keys), -1, np.int64)
+        mine, wanted = _as_bytes(self.keys), _as_bytes(keys)
+        at = np.minimum(np.searchsorted(mine, wanted), len(mine) - 1)
+        return np.where(mine[at] == wanted, at, -1)
+
+
+def _as_bytes(keys: np.ndarray) -> np.ndarray:
+    """(n, L) uint8 -> (n,) fixed-width byte strings, which numpy sorts and compares as whole keys."""
+    keys = np.ascontiguousarray(keys, dtype=np.uint8)
+    return keys.view(f"S{keys.shape[1]}").reshape(len(keys)) if keys.size else np.zeros(len(keys), "S1")
+
+
+def key_bytes(keys) -> np.ndarray:
+    """Hex content keys -> (n, L) uint8."""
+    keys = [bytes.fromhex(str(k)) for k in keys]
+    return np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), -1) if keys else np.zeros((0, 0), np.uint8)
+
+
+@dataclass
+class FeatureSet:
+    """Cached images streamed from the cache: per image the driver holds its class code, content key and place in
+    the cache (shard, row), never its features; Ray Data tasks read and verify the shards for whoever consumes them.
+    Rows are in one canonical order, by class name then content key: a function of the images, not of the order the
+    dataset listed them in, Ray Data delivered them in or the cache's shard layout."""
+
+    cache: FeatureCache
+    shards: list[str]
+    shard: np.ndarray  # (N,) int32
+    row: np.ndarray  # (N,) int32
+    codes: np.ndarray  # (N,) int32 into `classes`
+    classes: list[str]
+    key_bytes: np.ndarray  # (N, L) uint8
+    token_shape: tuple[int, ...] = ()
+    skipped: Counter = field(default_factory=Counter)
+
+    @classmethod
+    def of(cls, cache: FeatureCache, index: CacheIndex, keys: np.ndarray, codes: np.ndarray, classes: list[str],
+           skipped: Counter | None = None) -> "FeatureSet":
+        """The images given by content key ((N, L) uint8) and label (codes into `classes`), every one of them cached
+        (else an error naming how many)."""
+        at = index.locate(keys)
+        if (at < 0).any():
+            raise ValueError(f"{int((at < 0).sum())} images have no features in the cache {cache.dir}")
+        names = np.asarray(classes, dtype=str)
+        rank = np.argsort(np.argsort(names, kind="stable"), kind="stable")  # class code -> its name's sort rank
+        codes = rank[np.asarray(codes, dtype=np.int64)] if len(codes) else np.zeros(0, np.int64)
+        order = np.lexsort((_as_bytes(keys), codes)) if len(codes) else np.zeros(0, int)  # by name, then key
+        return cls(cache, index.shards, index.shard[at[order]], index.row[at[order]], codes[order].astype(np.int32),
+                   sorted(str(c) for c in classes), np.ascontiguousarray(keys[order]), index.token_shape,
+                   skipped or Counter())
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.classes, dtype=object)[self.codes] if len(self) else np.zeros(0, dtype=object)
+
+    @property
+    def keys(self) -> np.ndarray:
+        return np.asarray([k.tobytes().hex() for k in self.key_bytes], dtype=object)
+
+    def select(self, classes) -> "FeatureSet":
+        wanted = [i for i, c in enumerate(self.classes) if c in set(classes)]
+        return self.subset(np.isin(self.codes, wanted))
+
+    def subset(self, mask) -> "FeatureSet":
+        """The rows where the boolean `mask` is true (or at the given positions)."""
+        return FeatureSet(self.cache, self.shards, self.shard[mask], self.row[mask], self.codes[mask], self.classes,
+                          self.key_bytes[mask], self.token_shape)
+
+    def dataset(self, positions: np.ndarray) -> ray.data.Dataset:
+        """The rows at `positions` as a Ray Dataset of {position, label, features}: one read task per shard they lie
+        in (read and verified whole), in shard order; read_positions puts them in position order."""
+        positions = np.asarray(positions, dtype=np.int64)
+        order = np.lexsort((positions, self.shard[positions]))
+        positions = positions[order]
+        shards = self.shard[positions]
+        starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]]) if len(positions) else np.zeros(0, int)
+        stops = np.r_[starts[1:], len(positions)].astype(int)
+        where = ray.put({"position": positions, "row": self.row[positions], "code": self.codes[positions]})
+        items = [{"path": self.shards[shards[a]], "start": int(a), "stop": int(b)} for a, b in zip(starts, stops)]
+        _ordered()
+        if not items:
+            return FeatureTable(np.zeros((0, *self.token_shape), np.float16), np.zeros(0, dtype=object),
+                                np.zeros(0, dtype=object)).dataset(np.zeros(0, np.int64))
+        blocks = min(len(items), 1000)
+        return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+            _read_rows, fn_kwargs={"cache": self.cache, "where": [where], "classes": list(self.classes)},
+            batch_size=1, **_read_options(blocks))
+
+    def batches(self, size: int = 1024) -> Iterator[FeatureTable]:
+        """Every row, streamed `size` at a time as in-memory tables, each with its rows' `positions` in this set: in
+        the order the shards are read (each once), so a consumer that needs row order places rows by position
+        (class_stats.pooled_rows); the driver holds one batch at a time."""
+        if not len(self):
+            return
+        keys = self.key_bytes
+        for batch in self.dataset(np.arange(len(self))).iter_batches(batch_size=size, batch_format="numpy"):
+            at = batch["position"]
+            yield FeatureTable(batch["features"], batch["label"].astype(object),
+                               np.asarray([k.tobytes().hex() for k in keys[at]], dtype=object), positions=at)
+
+    def by_class(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(class name, its rows' features as float32, in row order), classes in order of first appearance: one
+        class in memory at a time."""
+        for code in dict.fromkeys(self.codes.tolist()):
+            yield self.classes[code], self.subset(self.codes == code).to_table().features.astype(np.float32)
+
+    def to_table(self) -> FeatureTable:
+        """The whole set in memory, rows in this set's order: for small sets (tools, tests), never an experiment's."""
+        _, labels, features = read_positions(self.dataset(np.arange(len(self))))
+        if not len(self):
+            features = np.zeros((0, *self.token_shape), np.float16)
+        return FeatureTable(features, np.asarray(labels, dtype=object), self.keys, self.skipped)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of the features it stands for (in the cache, not here)."""
+        return len(self) * int(np.prod(self.token_shape, dtype=np.int64)) * 2
+
+
+def _read_rows(batch: dict, cache: FeatureCache, where: list, classes: list[str]) -> dict:
+    """Ray Data map: one shard's rows of a FeatureSet.dataset, read and verified here."""
+    meta, names = ray.get(where[0]), np.asarray(classes)
+    out = {"position": [], "label": [], "features": []}
+    for path, start, stop in zip(batch["path"], batch["start"], batch["stop"]):
+        features = cache.read(str(path))["features"]
+        out["position"].append(meta["position"][start:stop])
+        out["label"].append(names[meta["code"][start:stop]])
+        out["features"].append(features[meta["row"][start:stop]])
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
 def _tensors_digest(tensors: dict[str, np.ndarray]) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
     digest = hashlib.sha256()
@@ -135,11 +400,12 @@ def _shard_metadata(blob: bytes) -> dict[str, str]:
 
 
 class EncodeBatch:
-    """Ray Data actor: runs the frozen encoder on rows whose features are not cached yet."""
+    """Ray Data actor: runs the frozen encoder on rows whose features are not cached yet and writes them to the cache
+    as one shard per batch, here: the features never travel to the driver."""
 
-    def __init__(self, stack: ModelStack, cached: frozenset[str], threads: int = 1):
+    def __init__(self, stack: ModelStack, cache: FeatureCache, cached: CacheIndex, threads: int = 1):
         torch.set_num_threads(threads)
-        self.stack, self.cached, self._encoder = stack, cached, None
+        self.stack, self.cache, self.cached, self._encoder = stack, cache, cached, None
 
     @property
     def encoder(self):
@@ -149,65 +415,84 @@ class EncodeBatch:
         return self._encoder
 
     def __call__(self, batch: dict) -> dict:
-        todo = [i for i, (k, e) in enumerate(zip(batch["key"], batch["error"])) if not e and k not in self.cached]
-        features = np.zeros((len(batch["key"]), 0, 0), dtype=np.float16)
+        good = [i for i, e in enumerate(batch["error"]) if not e]
+        hit = self.cached.locate(key_bytes([batch["key"][i] for i in good])) >= 0
+        todo = [i for i, cached in zip(good, hit) if not cached]
         if todo:
             encoded = self.encoder.encode([np.asarray(batch["image"][i]) for i in todo]).numpy()
-            features = np.zeros((len(batch["key"]), *encoded.shape[1:]), dtype=np.float16)
-            features[todo] = encoded
+            self.cache.add([str(batch["key"][i]) for i in todo], encoded)
         computed = np.zeros(len(batch["key"]), dtype=bool)
         computed[todo] = True
         return {"key": batch["key"], "label": batch["label"], "error": batch["error"], "part": batch["part"],
-                "computed": computed, "features": features}
+                "computed": computed}
+
+
+class Listing:
+    """What the driver keeps of a listed split while it streams past: per good image its key bytes and class code
+    (about 24 bytes), and the count of bad ones by reason."""
+
+    def __init__(self) -> None:
+        self.keys: list[np.ndarray] = []
+        self.codes: list[np.ndarray] = []
+        self.classes: dict[str, int] = {}
+        self.skipped: Counter = Counter()
+
+    def add(self, keys, labels, errors) -> None:
+        good = np.asarray([not e for e in errors], dtype=bool)
+        self.skipped.update(str(e).split(":")[0] for e in errors if e)
+        self.keys.append(key_bytes(keys[good]))
+        self.codes.append(np.asarray([self.classes.setdefault(str(y), len(self.classes)) for y in labels[good]],
+                                     dtype=np.int32))
+
+    def feature_set(self, cache: FeatureCache, index: CacheIndex) -> "FeatureSet":
+        keys = [k for k in self.keys if len(k)]
+        return FeatureSet.of(cache, index, np.concatenate(keys) if keys else np.zeros((0, 1), np.uint8),
+                             np.concatenate(self.codes) if self.codes else np.zeros(0, np.int32), list(self.classes),
+                             self.skipped)
 
 
 def extract_features(parts: list[LabelledImages], stack: ModelStack, cache: FeatureCache,
-                     actors: int = 2, batch_size: int = 64) -> list[FeatureTable]:
-    """Features of every decodable image of each part (e.g. train and test), in one Ray Data pass.
+                     actors: int = 2, batch_size: int = 64) -> list[FeatureSet]:
+    """The cached features of every decodable image of each part (e.g. train and test), in one Ray Data pass that
+    encodes what the cache lacks.
 
     Rows with an error are dropped and counted by reason. One pass means one pool of encoder
-    actors (each a process that loads torch and the encoder) rather than one per part.
+    actors (each a process that loads torch and the encoder) rather than one per part. The driver collects each
+    row's key and label only; the index of the cache is built again after the pass, because another run may have
+    stored some of these keys first (the oldest value wins).
     """
-    stored = cache.load_all()
+    index = cache.index()
+    _ordered()  # the sets' rows in the datasets' order
     tagged = [p.dataset.add_column("part", lambda batch, i=i: np.full(len(batch["key"]), i), batch_format="numpy")
               for i, p in enumerate(parts)]
     encoded = (tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]).map_batches(
-        EncodeBatch, fn_constructor_kwargs={"stack": stack, "cached": frozenset(stored)},
+        EncodeBatch, fn_constructor_kwargs={"stack": stack, "cache": cache, "cached": index},
         # each actor runs one torch thread; reserving half a CPU leaves room for the reading and
         # decoding tasks upstream, which would otherwise wait forever for a CPU on a small node
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.5, batch_size=batch_size, batch_format="numpy")
-    collected = [{"keys": [], "labels": [], "skipped": Counter()} for _ in parts]
-    new_keys, new_features = [], []
-    for batch in encoded.iter_batches(batch_size=1024, batch_format="numpy"):
-        for i, (key, label, error, part) in enumerate(zip(batch["key"], batch["label"], batch["error"], batch["part"])):
-            into = collected[int(part)]
-            if error:
-                into["skipped"][str(error).split(":")[0]] += 1
-                continue
-            into["keys"].append(str(key))
-            into["labels"].append(str(label))
-            if batch["computed"][i]:
-                new_keys.append(str(key))
-                new_features.append(batch["features"][i])
-    if new_keys:
-        cache.add(new_keys, np.stack(new_features))
-        stored = cache.load_all()  # not our own values: another run may have stored some of these keys first
-    tables = []
+    collected = [Listing() for _ in parts]
+    computed = 0
+    for batch in encoded.select_columns(["key", "label", "error", "part", "computed"]).iter_batches(
+            batch_size=1024, batch_format="numpy"):
+        computed += int(batch["computed"].sum())
+        for i, into in enumerate(collected):
+            mine = batch["part"] == i
+            into.add(batch["key"][mine], batch["label"][mine], batch["error"][mine])
+    if computed:
+        index = cache.index()
+    sets = []
     for part in collected:
-        if part["skipped"]:
-            log.warning("skipped %d unreadable images: %s", sum(part["skipped"].values()), dict(part["skipped"]))
-        keys = part["keys"]
-        features = np.stack([stored[k] for k in keys]) if keys else np.zeros((0, 0, 0), np.float16)
-        tables.append(FeatureTable(features, np.asarray(part["labels"], dtype=object), np.asarray(keys, dtype=object),
-                                   part["skipped"]))
-    log.info("features: %d images, %d computed, %d from cache", sum(map(len, tables)), len(new_keys),
-             sum(map(len, tables)) - len(new_keys))
-    return tables
+        if part.skipped:
+            log.warning("skipped %d unreadable images: %s", sum(part.skipped.values()), dict(part.skipped))
+        sets.append(part.feature_set(cache, index))
+    log.info("features: %d images, %d computed, %d from cache", sum(map(len, sets)), computed,
+             sum(map(len, sets)) - computed)
+    return sets
 
 
-def features_for(cfg: ExperimentConfig, encoder_identity: str, classes: list[str],
-                 **dataset_overrides) -> tuple[FeatureTable, FeatureTable]:
-    """Cached frozen features of the train and test split of `classes` (computed where missing)."""
+def feature_sets_for(cfg: ExperimentConfig, encoder_identity: str, classes: list[str],
+                     **dataset_overrides) -> tuple[FeatureSet, FeatureSet]:
+    """The train and test split of `classes` as streamed sets of the feature cache (computed where missing)."""
     splits = load_dataset(cfg.dataset.model_copy(update=dataset_overrides), classes=classes)
     cache = FeatureCache(cfg.features_url, encoder_identity, cfg.storage.options)
     train, test = extract_features([splits.train, splits.test], cfg.stack, cache, actors=cfg.dataset.encoder_actors)
@@ -215,7 +500,14 @@ def features_for(cfg: ExperimentConfig, encoder_identity: str, classes: list[str
     return train, test
 
 
-def require_training_images(train: FeatureTable, classes: list[str]) -> None:
+def features_for(cfg: ExperimentConfig, encoder_identity: str, classes: list[str],
+                 **dataset_overrides) -> tuple[FeatureTable, FeatureTable]:
+    """As feature_sets_for, read into memory: for tools and tests on small sets (an experiment streams)."""
+    train, test = feature_sets_for(cfg, encoder_identity, classes, **dataset_overrides)
+    return train.to_table(), test.to_table()
+
+
+def require_training_images(train, classes: list[str]) -> None:
     """A class without one decodable training image cannot be learned: fail here, naming it, before any task
     trains or publishes, instead of when its task comes (or never, with a projection that silently lacks it)."""
     missing = sorted(set(classes) - set(train.labels))

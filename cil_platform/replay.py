@@ -75,8 +75,8 @@ class ExemplarMemory:
         quota = self.budget // classes
         if quota < 1:
             raise ValueError(f"exemplar budget {self.budget} cannot hold one feature set for each of {classes} classes")
-        for name in names:
-            feats = task.features[task.labels == name]
+        for name, feats in task.by_class():  # one class's rows at a time (streamed from the cache for a FeatureSet)
+            feats = feats.astype(np.float16)
             self.per_class[name] = feats[self._order(feats)[:quota]]
         for name in self.per_class:  # the order is best-first, so shrinking keeps the best
             self.per_class[name] = self.per_class[name][:quota]

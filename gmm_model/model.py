@@ -22,9 +22,6 @@ from .projection import Projection
 from .prompt import PromptTokens
 from .spec import PromptFormat
 
-IGNORE = -100
-
-
 @dataclass
 class ConstrainedPrediction:
     classes: torch.Tensor  # (B,) index into the class list
@@ -80,27 +77,36 @@ class GMM(nn.Module):
 
     # ---- training -----------------------------------------------------------------------------
     def loss(self, visual: torch.Tensor, class_names: list[str]) -> torch.Tensor:
-        """Mean next-token cross-entropy over the answer tokens; prompt and image positions are masked.
+        """Mean next-token cross-entropy over the answer tokens; prompt and image positions carry no loss.
 
-        Answers are right-padded; under causal attention no real token attends to a pad after it,
-        so no attention mask is needed.
+        The batch runs as ONE packed sequence: each sample's prompt and answer (less its last token, whose output
+        predicts nothing) back to back, every token attending to the shared prefix and to its own sample's earlier
+        tokens only, positions restarting per sample. Right-padding the answers to the longest one computed about a
+        fifth more tokens than the samples have (the names differ in length) and made each layer's matmuls a
+        batch of short ones; packed, they are one (tokens, H) matmul with no padding.
         """
         prompt = self.image_embeds(visual)
         batch, prompt_len, _ = prompt.shape
         answers = [self.tokens.answer(name) for name in class_names]
-        width = max(map(len, answers))
-        pad = self.tokenizer.pad_token_id
-        answer_ids = torch.tensor([a + [pad] * (width - len(a)) for a in answers], device=self.device)
-        targets = torch.tensor([a + [IGNORE] * (width - len(a)) for a in answers], device=self.device)
-        inputs = torch.cat([prompt, self.llm.get_input_embeddings()(answer_ids)], dim=1)
-        hidden = self.llm.base_model(inputs_embeds=inputs, cache=self.prefix_cache(batch)).last_hidden_state
-        # answer token j (at position prompt_len + j) is predicted from position prompt_len + j - 1. The LM head
-        # (a vocabulary-wide matmul, the largest single one) runs on the rows that carry a target only, gathered
-        # into one contiguous (n, H) block: on the strided 3-D slice torch ran it as a batched matmul over an
-        # expanded copy of the weight, about a third of the forward.
-        wanted = targets != IGNORE
-        logits = self.llm.get_output_embeddings()(hidden[:, prompt_len - 1: prompt_len - 1 + width][wanted])
-        return F.cross_entropy(logits.float(), targets[wanted])
+        lengths = torch.tensor([prompt_len + len(answer) - 1 for answer in answers], device=self.device)
+        fed = self.llm.get_input_embeddings()(torch.tensor([t for a in answers for t in a[:-1]], device=self.device))
+        pieces = fed.split([len(answer) - 1 for answer in answers])
+        inputs = torch.cat([part for i in range(batch) for part in (prompt[i], pieces[i])])[None]
+        sample = torch.repeat_interleave(torch.arange(batch, device=self.device), lengths)  # (L,) each token's sample
+        first = torch.cumsum(lengths, 0) - lengths  # where each sample starts
+        position = torch.arange(len(sample), device=self.device) - first[sample]
+        prefix = len(self.tokens.prefix)
+        own_past = (sample[:, None] == sample[None, :]) & (position[None, :] <= position[:, None])
+        mask = torch.cat([own_past.new_ones(len(sample), prefix), own_past], 1)[None, None]  # True: attends
+        hidden = self.llm.base_model(inputs_embeds=inputs, attention_mask=mask, position_ids=(position + prefix)[None],
+                                     cache=self.prefix_cache(1)).last_hidden_state[0]
+        # answer token j of a sample is predicted from its position prompt_len + j - 1. The LM head (a
+        # vocabulary-wide matmul, the largest single one) runs on those rows only, gathered into one contiguous
+        # (n, H) block: on a strided slice torch ran it as a batched matmul over an expanded copy of the weight
+        rows = torch.cat([torch.arange(len(answer), device=self.device) + start + prompt_len - 1
+                          for start, answer in zip(first.tolist(), answers)])
+        targets = torch.tensor([t for answer in answers for t in answer], device=self.device)
+        return F.cross_entropy(self.llm.get_output_embeddings()(hidden[rows]).float(), targets)
 
     # ---- prediction ---------------------------------------------------------------------------
     def _start(self, embeds: torch.Tensor):

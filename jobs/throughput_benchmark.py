@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from cil_platform.config import load_config  # noqa: E402
 from cil_platform.data import dataset_class_names  # noqa: E402
 from cil_platform.experiment import init_ray  # noqa: E402
+from cil_platform.features import FeatureTable  # noqa: E402
 from cil_platform.training.session import SessionSpec, TrainingSession  # noqa: E402
 from gmm_model import create_encoder, create_gmm  # noqa: E402
 
@@ -52,7 +53,8 @@ def _timed(fn) -> float:
 def sample_flops(gmm, visual_tokens: int, visual_width: int, names: list[str]) -> tuple[float, str]:
     """FLOPs of forward + backward for one training sample, counted from the model's shapes.
 
-    Per token after the cached prefix (image tokens, suffix, answer): 2 x the frozen decoder's matmul parameters
+    Per token the decoder runs after the cached prefix (image tokens, suffix, the answer less its last token, which
+    predicts nothing and is not fed): 2 x the frozen decoder's matmul parameters
     forward, and as much again backward (the input gradients; the frozen weights get no gradients), plus attention
     scores and values over the context (2 x 2 x context x width per layer, forward and backward alike). The LM head
     on the answer positions: 2 x width x vocab per answer token, forward and backward. The projection: 2 x Dv x H per
@@ -63,15 +65,16 @@ def sample_flops(gmm, visual_tokens: int, visual_width: int, names: list[str]) -
     per_layer = 2 * (d * d + 2 * d * kv + d * d) + 2 * 3 * d * cfg.intermediate_size  # q, k, v, o + gated MLP
     answer = sum(len(gmm.tokens.answer(n)) for n in names) / len(names)
     prefix, suffix = len(gmm.tokens.prefix), len(gmm.tokens.suffix)
-    tokens = visual_tokens + suffix + answer
+    tokens = visual_tokens + suffix + answer - 1
     context = prefix + tokens / 2  # the mean context a token attends over
     decoder = tokens * layers * (per_layer + 2 * 2 * context * d)
     head = answer * 2 * d * vocab
     projection = visual_tokens * 2 * visual_width * d
     total = 2 * decoder + 2 * head + 3 * projection
     how = (f"{tokens:.1f} tokens per sample after a {prefix}-token cached prefix ({visual_tokens} visual, {suffix} "
-           f"suffix, {answer:.1f} answer), {layers} layers of width {d}; decoder {2 * decoder / 1e9:.3f}, LM head "
-           f"{2 * head / 1e9:.3f}, projection {3 * projection / 1e9:.4f} GFLOP (forward + backward)")
+           f"suffix, {answer - 1:.1f} answer tokens fed, {answer:.1f} predicted), {layers} layers of width {d}; "
+           f"decoder {2 * decoder / 1e9:.3f}, LM head {2 * head / 1e9:.3f}, projection {3 * projection / 1e9:.4f} "
+           "GFLOP (forward + backward)")
     return total, how
 
 
@@ -114,8 +117,9 @@ def platform_rates(cfg, visual_width: int, tokens: int, classes: list[str], task
             start = None
             for task in range(tasks):
                 names = [classes[10 + (task * 10 + i % 10)] for i in range(per_task)]
-                features = rng.standard_normal((per_task, tokens, visual_width)).astype(np.float16)
-                result = session.fit(f"task-{task:03d}", features, names, start, seed=task, replay=replay,
+                rows = FeatureTable(rng.standard_normal((per_task, tokens, visual_width)).astype(np.float16),
+                                    np.asarray(names, dtype=object), np.asarray([f"{i:040x}" for i in range(per_task)]))
+                result = session.fit(f"task-{task:03d}", rows, start, seed=task, replay=replay,
                                      replay_ratio=cfg.replay.ratio)
                 start = result.projection
                 updates.append(result)

@@ -121,10 +121,9 @@ def test_a_worker_killed_in_a_sessions_second_update_resumes_it_and_matches_an_u
         spec = SessionSpec(name="experiment", stack=cfg.stack, visual_width=encoder.width, cache_dir=cfg.cache_dir,
                            train=train, storage_url=str(storage), max_failures=1)
         with TrainingSession(spec) as session:
-            one = session.fit("task-000", first_task.features, list(first_task.labels), None, seed=1)
+            one = session.fit("task-000", first_task, None, seed=1)
             with ThreadPoolExecutor(1) as pool:
-                future = pool.submit(session.fit, "task-001", second_task.features, list(second_task.labels),
-                                     one.projection, 2)
+                future = pool.submit(session.fit, "task-001", second_task, one.projection, 2)
                 if kill:
                     wait_for(lambda: checkpointed(storage, "task-001") or future.done(), 600,
                              "the second update's first checkpoint")

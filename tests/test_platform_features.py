@@ -219,6 +219,7 @@ def ray_cluster():
 
 def test_extract_features_end_to_end_and_second_pass_uses_the_cache(ray_cluster, folder, tmp_path, caplog):
     from cil_platform.data import DatasetConfig, load_dataset
+    from cil_platform.data.rows import LabelledImages
     from cil_platform.features import extract_features
     from gmm_model import ModelStack, create_encoder
 
@@ -231,7 +232,9 @@ def test_extract_features_end_to_end_and_second_pass_uses_the_cache(ray_cluster,
     assert splits.train.num_rows + splits.test.num_rows == 6 + len(BAD)
 
     caplog.set_level(logging.INFO, logger="cil_platform.features")
-    train, test = extract_features([splits.train, splits.test], stack, cache, actors=1)
+    sets = extract_features([splits.train, splits.test], stack, cache, actors=1)
+    assert not any(hasattr(s, "features") for s in sets)  # the driver got keys, labels and cache places only
+    train, test = (s.to_table() for s in sets)  # read back from the cache by Ray Data
 
     for split, table in (("train", train), ("test", test)):
         want = expected[split]
@@ -250,19 +253,22 @@ def test_extract_features_end_to_end_and_second_pass_uses_the_cache(ray_cluster,
     assert "6 computed, 0 from cache" in caplog.text
 
     written = shards(cache)
-    assert len(written) == 1
+    assert 1 <= len(written) <= 2  # one per encoder batch, written by the actor that encoded it
     assert set(cache.load_all()) == set(train.keys) | set(test.keys)
 
+    # rows come in one canonical order (class, then key), whatever order Ray Data delivers them in: here the
+    # second pass reads the images in reverse
+    for table in (train, test):
+        assert list(zip(table.labels, table.keys)) == sorted(zip(table.labels, table.keys))
     caplog.clear()
-    train2, test2 = extract_features([splits.train, splits.test], stack, cache, actors=1)
+    backwards = [LabelledImages(split.dataset.sort("key", descending=True), split.num_rows)
+                 for split in (splits.train, splits.test)]
+    train2, test2 = (s.to_table() for s in extract_features(backwards, stack, cache, actors=1))
     assert shards(cache) == written  # nothing new was computed, so nothing was written
     assert "0 computed, 6 from cache" in caplog.text
     for first, again in ((train, train2), (test, test2)):
-        order = np.argsort(again.keys.astype(str))
-        back = np.argsort(first.keys.astype(str))
-        assert again.keys[order].tolist() == first.keys[back].tolist()
-        assert again.labels[order].tolist() == first.labels[back].tolist()
-        np.testing.assert_array_equal(again.features[order], first.features[back])
+        assert again.keys.tolist() == first.keys.tolist() and again.labels.tolist() == first.labels.tolist()
+        np.testing.assert_array_equal(again.features, first.features)
         assert again.skipped == first.skipped
 
 
@@ -274,3 +280,52 @@ def test_a_class_without_a_decodable_training_image_is_an_error_naming_it():
     require_training_images(train, ["cat"])
     with pytest.raises(ValueError, match=r"no training images that decode: \['dog', 'hot dog'\].*corrupt image 3"):
         require_training_images(train, ["cat", "dog", "hot dog"])
+
+
+# ---------------------------------------------------------------- streamed sets: the driver holds no features
+
+def test_a_streamed_set_reads_what_was_cached_in_canonical_order_and_agrees_with_memory(ray_cluster, tmp_path):
+    from cil_platform.class_stats import ClassStatistics, pooled_rows
+    from cil_platform.features import FeatureSet, key_bytes, read_positions
+
+    cache = FeatureCache(str(tmp_path / "cache"), "enc-a")
+    rng = np.random.default_rng(0)
+    keys = [key(i) for i in range(50)]
+    labels = np.array([["b", "a", "c"][i % 3] for i in range(50)], dtype=object)
+    feats = rng.standard_normal((50, 2, 6)).astype(np.float16)
+    cache.add(keys[:20], feats[:20])
+    cache.add(keys[20:], feats[20:])
+    cache.add(keys[5:8], feats[5:8] + 1)  # a newer value of three keys: the oldest wins
+    index = cache.index()  # a Ray Data pass over the shards
+    assert len(index) == 50 and len(index.shards) == 3 and index.token_shape == (2, 6)
+    classes = ["b", "a", "c"]
+    streamed = FeatureSet.of(cache, index, key_bytes(keys), np.array([classes.index(y) for y in labels]), classes)
+    table = streamed.to_table()
+    assert list(zip(table.labels, table.keys)) == sorted(zip(labels, keys))  # by class, then key
+    rows = [keys.index(k) for k in table.keys]
+    np.testing.assert_array_equal(table.features, feats[rows])
+    assert streamed.nbytes == feats.nbytes
+
+    # a rank's rows: whatever the order Ray delivers them in, sorted by position
+    positions, got_labels, got = read_positions(streamed.dataset(np.array([40, 3, 7, 1])))
+    assert positions.tolist() == [1, 3, 7, 40] and got_labels == list(table.labels[[1, 3, 7, 40]])
+    np.testing.assert_array_equal(got, table.features[[1, 3, 7, 40]])
+    # batches carry their positions; statistics and pooled vectors equal those of the rows held in memory
+    assert sorted(p for b in streamed.batches(7) for p in b.positions.tolist()) == list(range(50))
+    np.testing.assert_allclose(pooled_rows(streamed).numpy(), pooled_rows(table).numpy(), atol=1e-6)
+    from_stream, from_memory = ClassStatistics(), ClassStatistics()
+    from_stream.learn(streamed)
+    from_memory.learn(table)
+    assert from_stream.classes == from_memory.classes == ["a", "b", "c"]
+    for name in classes:
+        members = table.features[table.labels == name].astype(np.float32)
+        np.testing.assert_allclose(from_stream.mean[name], members.mean(0), atol=1e-6)
+        np.testing.assert_allclose(from_stream.std[name], members.std(0), atol=1e-5)
+        np.testing.assert_allclose(from_stream.prototype[name], from_memory.prototype[name], atol=1e-6)
+
+    # a shard damaged after it was indexed: a read names it instead of returning other numbers
+    victim = index.shards[int(streamed.shard[0])]
+    blob = cache.fs.cat_file(victim)
+    cache.fs.pipe_file(victim, blob[:-1] + bytes([blob[-1] ^ 1]))
+    with pytest.raises(Exception, match="damaged since it was indexed"):
+        streamed.to_table()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cil_platform.training.worker import shard_batches, warmup_cosine
+from cil_platform.training.worker import epoch_batches, rank_rows, warmup_cosine
 
 
 def lrs(total: int, warmup_fraction: float, base: float = 2.0, steps: int | None = None) -> list[float]:
@@ -55,33 +55,28 @@ def test_warmup_fraction_rounds_down():
 
 
 @pytest.mark.parametrize("count,world,batch", [(103, 2, 16), (100, 4, 7), (64, 1, 64), (9, 3, 2), (17, 5, 4)])
-def test_shards_are_disjoint_equal_and_cover_the_divisible_part(count, world, batch):
+def test_rank_rows_are_disjoint_equal_and_batches_cover_them(count, world, batch):
     per_worker = count // world
-    shards = [shard_batches(count, world, rank, batch, seed=7) for rank in range(world)]
-    rows = [np.concatenate(s) if s else np.zeros(0, int) for s in shards]
+    rows = [rank_rows(count, world, rank, seed=7) for rank in range(world)]
     assert [len(r) for r in rows] == [per_worker] * world
-    assert len({len(s) for s in shards}) == 1  # the same number of steps on every rank
-    assert len(shards[0]) == math.ceil(per_worker / batch)
-    for s in shards:
-        assert all(len(b) == batch for b in s[:-1])
-        assert all(0 < len(b) <= batch for b in s)
     everything = np.concatenate(rows)
     assert len(np.unique(everything)) == len(everything) == per_worker * world  # disjoint
     assert everything.min() >= 0 and everything.max() < count
+    batches = epoch_batches(per_worker, batch, np.random.default_rng([7, 0, 0]))
+    assert len(batches) == math.ceil(per_worker / batch)  # the same number of steps on every rank
+    assert all(len(b) == batch for b in batches[:-1]) and all(0 < len(b) <= batch for b in batches)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(per_worker))
 
 
-def test_shards_are_deterministic_per_seed_and_differ_across_seeds():
-    a = shard_batches(50, 2, 1, 8, seed=3)
-    b = shard_batches(50, 2, 1, 8, seed=3)
-    c = shard_batches(50, 2, 1, 8, seed=4)
+def test_rows_and_batches_are_deterministic_per_seed_and_differ_across_seeds():
+    assert rank_rows(50, 2, 1, seed=3).tolist() == rank_rows(50, 2, 1, seed=3).tolist()
+    assert rank_rows(50, 2, 1, seed=3).tolist() != rank_rows(50, 2, 1, seed=4).tolist()
+    a, b, c = (epoch_batches(25, 8, np.random.default_rng(s)) for s in ([3, 1, 0], [3, 1, 0], [3, 1, 1]))
     assert [x.tolist() for x in a] == [x.tolist() for x in b]
-    assert [x.tolist() for x in a] != [x.tolist() for x in c]
-    # a single worker sees a full permutation of the rows
-    whole = np.concatenate(shard_batches(50, 1, 0, 8, seed=3))
-    assert sorted(whole.tolist()) == list(range(50))
-    assert whole.tolist() != list(range(50))  # shuffled
+    assert [x.tolist() for x in a] != [x.tolist() for x in c]  # another epoch, another order
+    assert np.concatenate(a).tolist() != list(range(25))  # shuffled
 
 
-def test_fewer_rows_than_workers_gives_no_batches():
-    assert shard_batches(1, 2, 0, 4, seed=0) == []
-    assert shard_batches(1, 2, 1, 4, seed=0) == []
+def test_fewer_rows_than_workers_gives_no_rows():
+    assert len(rank_rows(1, 2, 0, seed=0)) == 0 and len(rank_rows(1, 2, 1, seed=0)) == 0
+    assert epoch_batches(0, 4, np.random.default_rng(0)) == []

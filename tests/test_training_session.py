@@ -2,8 +2,9 @@
 updates and evaluations, each exactly as a fit of its own would compute it.
 
 The feed's protocol is tested on its own (a Ray actor, no model); the session with the real small stack on
-QuickDraw features: two updates and an evaluation in the same worker processes, the second update equal to the
-weights of the same update run alone, the evaluation equal to the same code run in this process.
+QuickDraw features: two updates and an evaluation in the same worker processes, on rows the workers stream from
+the feature cache themselves, the second update equal to the weights of the same update run alone on the same rows
+held in memory, the evaluation equal to the same code run in this process.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from safetensors.torch import load as load_tensors
 from cil_platform.class_stats import ClassStatistics
 from cil_platform.config import ExperimentConfig
 from cil_platform.evaluation import predict
-from cil_platform.features import features_for
+from cil_platform.features import FeatureSet, feature_sets_for
 from cil_platform.replay import PseudoFeatureReplay
 from cil_platform.training.fit import FitSpec, fit_projection
 from cil_platform.training.session import Feed, SessionSpec, TrainingSession
@@ -67,31 +68,33 @@ def tasks(own_ray_for_module, tmp_path_factory):
     cfg = ExperimentConfig(dataset={"kind": "quickdraw", "train_per_class": 8, "test_per_class": 3},
                            output_dir=str(tmp_path_factory.mktemp("session")))
     encoder = create_encoder(cfg.stack)
-    train, test = features_for(cfg, encoder.identity, ["apple", "cat", "dog", "fish"])
+    streamed, streamed_test = feature_sets_for(cfg, encoder.identity, ["apple", "cat", "dog", "fish"])
+    assert isinstance(streamed, FeatureSet) and not hasattr(streamed, "features")  # the driver holds no features
     stats = ClassStatistics()
-    stats.learn(train.select(["apple", "cat"]))
-    return cfg, encoder.width, train, test, PseudoFeatureReplay(stats).payload()
+    stats.learn(streamed.select(["apple", "cat"]))
+    return cfg, encoder.width, streamed, streamed_test, PseudoFeatureReplay(stats).payload()
 
 
 def test_one_session_trains_and_evaluates_as_separate_fits_would(tasks, tmp_path):
-    cfg, width, train, test, replay = tasks
+    cfg, width, train, test, replay = tasks  # streamed from the cache
     train_cfg = cfg.train.model_copy(update={"batch_size": 4, "num_workers": 2, "epochs": 2})
     first_task, second_task = train.select(["apple", "cat"]), train.select(["dog", "fish"])
     spec = SessionSpec(name="experiment", stack=cfg.stack, visual_width=width, cache_dir=cfg.cache_dir,
                        train=train_cfg, storage_url=str(tmp_path / "session"))
     classes = ["apple", "cat", "dog", "fish"]
     with TrainingSession(spec) as session:
-        first = session.fit("task-000", first_task.features, list(first_task.labels), None, seed=1)
-        second = session.fit("task-001", second_task.features, list(second_task.labels), first.projection, seed=2,
+        first = session.fit("task-000", first_task, None, seed=1)
+        second = session.fit("task-001", second_task, first.projection, seed=2,
                              replay=replay, replay_ratio=1.0)
-        evaluated = session.map_shards(predict, second.projection, test.features, classes, 5, [Rule.TRIE], NO_STATS)
+        evaluated = session.map_shards(predict, second.projection, test, classes, 5, [Rule.TRIE], NO_STATS)
         with pytest.raises(ValueError, match="refused 3 rows"):  # bad input: the worker's error, no restart
-            session.map_shards(refuse, second.projection, test.features[:6])
-        after = session.fit("task-002", first_task.features[:4], list(first_task.labels[:4]), None, seed=3)
+            session.map_shards(refuse, second.projection, test.to_table().features[:6])
+        after = session.fit("task-002", first_task.subset(slice(0, 4)), None, seed=3)
     # the same worker processes all along: no start-up per update, and no restart for the refused input
     assert first.metrics["pid_per_worker"] == second.metrics["pid_per_worker"] == after.metrics["pid_per_worker"]
     assert second.metrics["start_epoch"] == 0 and second.images == 2 * (16 // 2) * 2 * 2  # new + replayed, 2 epochs
-    alone = fit_projection(FitSpec(name="task-001", features=second_task, start=first.projection, stack=cfg.stack,
+    in_memory = second_task.to_table()  # the same rows, through the object store instead of the cache
+    alone = fit_projection(FitSpec(name="task-001", features=in_memory, start=first.projection, stack=cfg.stack,
                                    visual_width=width, cache_dir=cfg.cache_dir, train=train_cfg,
                                    storage_url=str(tmp_path / "alone"), seed=2, replay=replay, replay_ratio=1.0))
     a, b = load_tensors(second.projection), load_tensors(alone.projection)
@@ -100,9 +103,10 @@ def test_one_session_trains_and_evaluates_as_separate_fits_would(tasks, tmp_path
     # the workers' shards of the evaluation, in rank order, are this process's labels of the whole test set
     gmm = create_gmm(cfg.stack, width, cfg.cache_dir, second.projection)
     with torch.no_grad():
-        here = predict(gmm, None, test.features, classes, 5, [Rule.TRIE], NO_STATS)[Rule.TRIE]
-    assert [label for part in evaluated for label in part[Rule.TRIE]] == here
-    assert len(evaluated) == 2 and all(part[Rule.TRIE] for part in evaluated)
+        here = predict(gmm, None, test.to_table().features, classes, 5, [Rule.TRIE], NO_STATS)[Rule.TRIE]
+    assert np.concatenate([part[Rule.TRIE] for part in evaluated]).tolist() == here.tolist()
+    assert len(evaluated) == 2 and all(len(part[Rule.TRIE]) for part in evaluated)
+    assert all(part[Rule.TRIE].dtype == np.int32 for part in evaluated)  # compact answers: class indices
 
 
 def test_a_closed_session_refuses_work_and_too_few_images_are_refused(tasks, tmp_path):
@@ -112,8 +116,8 @@ def test_a_closed_session_refuses_work_and_too_few_images_are_refused(tasks, tmp
     session = TrainingSession(spec)
     try:
         with pytest.raises(ValueError, match="1 training images cannot be shared by 2 workers"):
-            session.fit("task-000", train.features[:1], list(train.labels[:1]), None, seed=0)
+            session.fit("task-000", train.subset(slice(0, 1)), None, seed=0)
     finally:
         session.close()
     with pytest.raises(RuntimeError, match="closed"):
-        session.fit("task-000", train.features, list(train.labels), None, seed=0)
+        session.fit("task-000", train, None, seed=0)

@@ -13,7 +13,7 @@ from typing import Callable
 
 from gmm_model.spec import ModelStack
 
-from ..features import FeatureTable
+from ..features import FeatureSet, FeatureTable
 from .config import TrainConfig
 from .session import FitResult, SessionSpec, TrainingSession
 from .worker import session_worker_loop
@@ -27,7 +27,7 @@ class FitSpec:
     ("alignment", "task-003"): a fit of the same name there resumes from its newest checkpoint."""
 
     name: str
-    features: FeatureTable  # the new classes' cached features
+    features: FeatureSet | FeatureTable  # the new classes' cached features (streamed, or in memory)
     start: bytes | None  # the starting projection (safetensors); None: the stack's projection_init, else fresh
     stack: ModelStack
     visual_width: int
@@ -51,5 +51,4 @@ def fit_projection(spec: FitSpec, worker_loop: Callable[[dict], None] = session_
                           train=train, storage_url=spec.storage_url, storage_options=spec.storage_options,
                           max_failures=spec.max_failures)
     with TrainingSession(session, worker_loop) as running:
-        return running.fit(spec.name, spec.features.features, [str(y) for y in spec.features.labels], spec.start,
-                           spec.seed, spec.replay, spec.replay_ratio)
+        return running.fit(spec.name, spec.features, spec.start, spec.seed, spec.replay, spec.replay_ratio)

@@ -5,8 +5,13 @@ task trains for about as long, so a fit per task spent half the machine on start
 group once; the driver then posts commands to a small feed actor and waits for the answers:
 
     with TrainingSession(SessionSpec(...)) as session:
-        trained = session.fit("task-000", features, start=None, seed=1000)   # -> FitResult
+        trained = session.fit("task-000", train_rows, start=None, seed=1000)   # -> FitResult
         labels = session.map_shards(predict, trained.projection, test_rows, ...)  # evaluation on the same workers
+
+Rows are a FeatureSet (streamed from the feature cache) or a FeatureTable (in memory): either hands each rank its
+own Ray Dataset (`rows.dataset(positions)`), which the rank reads itself, so the driver posts row positions, not
+features. The experiment's one fit cannot take `datasets=` (fixed when the trainer starts, and the session starts
+once for every task): each command carries its rows instead (docs/data_plane.md).
 
 Each worker (worker.py) runs the commands in order. An update reports a Ray Train checkpoint after every epoch
 whose position file names the update and epoch, so Ray Train's own restore covers a killed worker (the group
@@ -34,7 +39,7 @@ from gmm_model.spec import ModelStack
 from ..storage import open_storage
 from .config import TrainConfig
 from .deepspeed_config import deepspeed_settings, low_precision
-from .worker import Failed, MapShards, SessionJob, Update, session_worker_loop
+from .worker import Failed, MapShards, SessionJob, Update, rank_rows, session_worker_loop, shard
 
 log = logging.getLogger(__name__)
 
@@ -146,25 +151,33 @@ class TrainingSession:
         self._fit: Future = self._pool.submit(trainer.fit)  # blocks until the workers are told to stop
         self._closed = False
 
-    def fit(self, name: str, features, labels: list[str], start: bytes | None, seed: int,
+    def fit(self, name: str, rows, start: bytes | None, seed: int,
             replay: dict | None = None, replay_ratio: float = 0.0) -> FitResult:
-        """Train the projection from `start` on `features` ((N, T, D) float16) and `labels`, replaying from the
-        memory payload `replay`; returns the trained weights once rank 0 has them."""
-        if len(labels) < self.world_size:
-            raise ValueError(f"{name}: {len(labels)} training images cannot be shared by {self.world_size} workers")
+        """Train the projection from `start` on `rows` (a FeatureSet or FeatureTable), replaying from the memory
+        payload `replay`; returns the trained weights once rank 0 has them. Rank r trains on rank_rows(..., r, seed)."""
+        if len(rows) < self.world_size:
+            raise ValueError(f"{name}: {len(rows)} training images cannot be shared by {self.world_size} workers")
         posted = time.perf_counter()
-        update = Update(name=name, start=start, features=ray.put(np.asarray(features)), labels=list(labels),
-                        replay=ray.put(replay) if replay is not None else None, replay_ratio=replay_ratio, seed=seed)
+        shares = [rank_rows(len(rows), self.world_size, rank, seed) for rank in range(self.world_size)]
+        update = Update(name=name, start=start, rows=[rows.dataset(share) for share in shares],
+                        per_rank=len(shares[0]), replay=ray.put(replay) if replay is not None else None,
+                        replay_ratio=replay_ratio, seed=seed)
         answer = self._run(update)[0]
         metrics, train = answer["metrics"], self.spec.train
         return FitResult(answer["projection"], float(metrics["loss"]),
                          int(metrics["images"]) * self.world_size * train.epochs, time.perf_counter() - posted,
                          metrics)
 
-    def map_shards(self, function: Callable, weights: bytes, rows: np.ndarray, *args, matcher: bool = False) -> list:
-        """`function(gmm, matcher, shard_of_rows, *args)` on every worker, with the projection `weights`; the answers
-        in rank order (rank r holds the r-th contiguous shard of `rows`)."""
-        return self._run(MapShards(function, ray.put(weights), ray.put(rows), args, matcher))
+    def map_shards(self, function: Callable, weights: bytes, rows, *args, matcher: bool = False) -> list:
+        """`function(gmm, matcher, features, *args)` on every worker, with the projection `weights`; the answers in
+        rank order (rank r holds the r-th contiguous shard of `rows`: a FeatureSet or FeatureTable, each rank reading
+        its own shard; or a small array, such as the class means, through the object store)."""
+        if isinstance(rows, np.ndarray):
+            shards = ray.put(rows)
+        else:
+            shards = [rows.dataset(np.arange(len(rows))[shard(len(rows), self.world_size, r)])
+                      for r in range(self.world_size)]
+        return self._run(MapShards(function, ray.put(weights), shards, args, matcher))
 
     def _run(self, command) -> list:
         if self._closed:

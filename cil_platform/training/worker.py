@@ -2,15 +2,18 @@
 
 Each worker loads the frozen LLM once, then runs the commands the driver posts to the session's feed, one after
 another, until it is told to stop: a projection update (`Update`: a fresh optimizer, the update's epochs, a
-checkpoint after each, the trained weights answered by rank 0) or a map over its shard of an array
-(`MapShards`: evaluation, with the weights it names). So one worker group, started once, serves every task of an
-experiment: no second set of LLM copies for evaluation and no start-up per task.
+checkpoint after each, the trained weights answered by rank 0) or a map over its shard of the rows
+(`MapShards`: evaluation, with the weights it names). A command carries its rows as one Ray Dataset per rank
+(features.py: read from the feature cache by Ray Data tasks, never through the driver); each rank reads its own.
+So one worker group, started once, serves every task of an experiment: no second set of LLM copies for evaluation
+and no start-up per task.
 
 Kept free of model imports at module level: Ray Train's controller unpickles this function and its job (so it
 imports this module) only to hand them to the workers, and importing the model package there cost about 4 s.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -59,24 +62,24 @@ class Update:
 
     name: str  # "alignment", "task-003": unique in the session; a checkpoint of this name resumes it
     start: bytes | None  # the starting projection; None: the stack's projection_init, else a seeded fresh one
-    features: Any  # ObjectRef of the (N, T, D) float16 array (Ray's object store, read once per worker)
-    labels: list[str]
+    rows: list  # per rank, a Ray Dataset of its `per_rank` rows {position, label, features} (rank_rows chose them)
+    per_rank: int
     replay: Any  # ObjectRef of a replay memory's payload (or None)
     replay_ratio: float
     seed: int
 
-    def steps_per_epoch(self, world_size: int, batch_size: int) -> int:
-        return math.ceil((len(self.labels) // world_size) / batch_size)
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return math.ceil(self.per_rank / batch_size)
 
 
 @dataclass(frozen=True)
 class MapShards:
-    """`function(gmm, matcher, rows, *args)` over this worker's contiguous shard of the array `rows`, with the
+    """`function(gmm, matcher, features, *args)` over this worker's contiguous shard of the rows, with the
     projection `weights` loaded; the driver concatenates the answers in rank order."""
 
     function: Any  # a module-level function (pickled by reference)
     weights: Any  # ObjectRef of safetensors bytes
-    rows: Any  # ObjectRef of the array to shard over the workers
+    rows: Any  # per rank, a Ray Dataset of its shard of the rows; or an ObjectRef of a small array, cut by `shard`
     args: tuple = ()
     matcher: bool = False  # whether the function needs the text matcher (free decoding)
 
@@ -98,13 +101,18 @@ def shard(count: int, world: int, rank: int) -> slice:
     return slice(start, start + base + (rank < extra))
 
 
-def shard_batches(count: int, world: int, rank: int, batch_size: int, seed: int) -> list[np.ndarray]:
-    """This worker's batches of one epoch: a seeded permutation cut into equal shards, so every
-    worker runs the same number of steps (DDP needs that) and shards never overlap."""
-    order = np.random.default_rng(seed).permutation(count)
+def rank_rows(count: int, world: int, rank: int, seed: int) -> np.ndarray:
+    """The rows (positions, ascending) an update gives rank `rank`: a seeded permutation cut into equal shares, so
+    every worker runs the same number of steps (DDP needs that) and shares never overlap; count % world rows rest."""
     per_worker = count // world
-    mine = order[rank * per_worker: (rank + 1) * per_worker]
-    return [mine[i: i + batch_size] for i in range(0, per_worker, batch_size)]
+    return np.sort(np.random.default_rng(seed).permutation(count)[rank * per_worker: (rank + 1) * per_worker])
+
+
+def epoch_batches(count: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch's batches over a worker's `count` rows: a permutation drawn from `rng` (seeded by update, rank and
+    epoch, so a restart from epoch k draws alike), cut into batches of `batch_size`."""
+    order = rng.permutation(count)
+    return [order[i: i + batch_size] for i in range(0, count, batch_size)]
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
@@ -135,6 +143,7 @@ class SessionWorker:
         self.gmm = create_gmm(self.stack, job.visual_width, job.cache_dir, dtype=torch_dtype(job.llm_dtype))
         self.gmm.to(self.device)
         self.matcher = None
+        self.evaluated: tuple[str, Any] | None = None  # (sha256 of the weights, their projection): maps reuse it
         self.checkpoint = ray.train.get_checkpoint()  # set when Ray Train restored this group
 
     def projection(self, weights: bytes | None, seed: int):
@@ -155,19 +164,32 @@ class SessionWorker:
             from gmm_model import create_matcher
 
             self.matcher = create_matcher(self.stack)
-        self.gmm.projection = self.projection(ray.get(command.weights), 0)
-        rows = ray.get(command.rows)
-        mine = rows[shard(len(rows), self.job.world_size, self.rank)]
+        weights = ray.get(command.weights)
+        digest = hashlib.sha256(weights).hexdigest()
+        if self.evaluated is None or self.evaluated[0] != digest:  # a task's evaluation maps twice with its weights
+            self.evaluated = (digest, self.projection(weights, 0))
+        self.gmm.projection = self.evaluated[1]
+        if isinstance(command.rows, list):
+            from ..features import read_positions
+
+            mine = read_positions(command.rows[self.rank])[2]
+        else:
+            rows = ray.get(command.rows)
+            mine = rows[shard(len(rows), self.job.world_size, self.rank)]
         with torch.no_grad():
             return command.function(self.gmm, self.matcher, mine, *command.args)
 
     def update(self, update: Update) -> dict | None:
+        from ..features import read_positions
         from ..replay import sample_replay
         from .backends import frozen_llm_check, gather_per_worker, make_backend, worker_memory
 
         job, rank, received = self.job, self.rank, time.perf_counter()
-        features, replay = ray.get(update.features), ray.get(update.replay) if update.replay is not None else None
-        steps_per_epoch = update.steps_per_epoch(job.world_size, job.batch_size)
+        _, mine, features = read_positions(update.rows[rank])  # this rank's rows, in position order
+        if len(mine) != update.per_rank:
+            raise ValueError(f"{update.name}: rank {rank} read {len(mine)} rows, expected {update.per_rank}")
+        replay = ray.get(update.replay) if update.replay is not None else None
+        steps_per_epoch = update.steps_per_epoch(job.batch_size)
         projection = self.projection(update.start, update.seed)
         optimizer = torch.optim.AdamW(projection.parameters(), lr=job.lr, weight_decay=job.weight_decay)
         scheduler = warmup_cosine(optimizer, steps_per_epoch * job.epochs, job.warmup_fraction)
@@ -181,8 +203,8 @@ class SessionWorker:
             losses, images, epoch_start = [], 0, time.perf_counter()
             first_step = first_step or epoch_start
             rng = np.random.default_rng([update.seed, rank, epoch])  # per epoch: a restart from epoch k replays alike
-            for rows in shard_batches(len(update.labels), job.world_size, rank, job.batch_size, update.seed + epoch):
-                labels = [update.labels[i] for i in rows]
+            for rows in epoch_batches(len(mine), job.batch_size, rng):
+                labels = [mine[i] for i in rows]
                 batch = features[rows].astype(np.float32)
                 replay_x, replay_y = sample_replay(replay, round(update.replay_ratio * len(labels)), rng)
                 if replay_y:
