@@ -21,14 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cil_platform.cli import check_before_ray, header, job_parser, job_terminal, load_checked, run_job  # noqa: E402
 from cil_platform.progress import log_path  # noqa: E402
-from serve.client import TOKEN_ENV, announcer  # noqa: E402
+from serve.client import ADMIN_TOKEN_ENV, announcer  # noqa: E402
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = job_parser(__doc__, prog)
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     parser.add_argument("--announce", metavar="URL", help="a running serve/ app to move to each new version "
-                                                          f"(bearer token from ${TOKEN_ENV})")
+                                                          f"(the admin token from ${ADMIN_TOKEN_ENV})")
     parser.add_argument("--fresh", action="store_true",
                         help="discard the progress saved in output_dir instead of resuming after its last task")
     return run_job(parser, argv, run)
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         from cil_platform.experiment import run_experiment  # loads Ray and the model stack: after the checks
 
         run_experiment(config, fresh=args.fresh, console=shown,
-                       on_publish=announcer(args.announce, os.environ.get(TOKEN_ENV)) if args.announce else None)
+                       on_publish=announcer(args.announce, os.environ.get(ADMIN_TOKEN_ENV)) if args.announce else None)
     return 0
 
 

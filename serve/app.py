@@ -4,7 +4,8 @@
         |                          encoder + projection + frozen LLM,            text encoder +
         |                          @serve.batch, one served version              label bank
         |                          (projection, classes, rule, statistics)
-        +--announce-->  Watcher: polls the projection store, moves the app to a new version
+        +--announce-->  Watcher: polls the projection store, moves the app to a new version; every
+                                 Captioner replica reports to it what it serves
 
 One deployment per module (serve/ingress.py, captioner.py, matcher.py, watcher.py); their arguments and
 user_configs are in serve/settings.py; deploying and moving versions is serve/deploy.py. This module builds the
@@ -29,9 +30,9 @@ def app_builder(args: AppArgs) -> serve.Application:
     stack = resolve_stack(settings.stack)
     matcher = Matcher.options(user_config=MatcherConfig().model_dump()).bind(
         settings.store_url, settings.storage_options, stack.model_dump(), settings.threads)
-    captioner = Captioner.options(user_config=CaptionerConfig().model_dump()).bind(
-        settings.store_url, settings.storage_options, stack.model_dump(), settings.cache_dir, matcher,
-        settings.threads)
     watcher = Watcher.options(user_config=WatcherConfig().model_dump()).bind(
         settings.store_url, settings.storage_options, stack.fingerprint)
+    captioner = Captioner.options(user_config=CaptionerConfig().model_dump()).bind(
+        settings.store_url, settings.storage_options, stack.model_dump(), settings.cache_dir, matcher, watcher,
+        settings.threads)
     return Ingress.bind(captioner, watcher, settings.model_dump())

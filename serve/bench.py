@@ -8,7 +8,8 @@ after it settled, with the error count and the versions that answered.
     # self-contained: a local Ray instance, a temporary store with versions 0 and 1, the app from serve/config.yaml
     python -m serve.bench --launch --duration 60 --swap-at 20 --clients 4
     # against a running app (loopback only); announces an existing store version
-    python -m serve.bench --url http://127.0.0.1:8000 --swap-version 3 --token "$GMM_CIL_SERVE_TOKEN"
+    python -m serve.bench --url http://127.0.0.1:8000 --swap-version 3   # tokens from $GMM_CIL_SERVE_TOKEN and
+                                                                         # $GMM_CIL_SERVE_ADMIN_TOKEN (the announce)
 
 Only loopback addresses are accepted as targets.
 """
@@ -169,7 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     target.add_argument("--url", help="a running app (loopback only)")
     target.add_argument("--launch", action="store_true", help="start a local app on a temporary store")
     parser.add_argument("--port", type=int, default=8765, help="HTTP port of a launched app")
-    parser.add_argument("--token", default=os.environ.get("GMM_CIL_SERVE_TOKEN"))
+    parser.add_argument("--token", default=os.environ.get("GMM_CIL_SERVE_TOKEN"), help="the API token")
+    parser.add_argument("--admin-token", default=os.environ.get("GMM_CIL_SERVE_ADMIN_TOKEN"),
+                        help="the admin token, for the announcement")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load in all")
     parser.add_argument("--swap-at", type=float, default=20.0, help="seconds into the load to announce")
@@ -193,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
                        headers={"Content-Type": "image/png",
                                 **({"Authorization": f"Bearer {args.token}"} if args.token else {})})
         phases, swap = run_load(url, args.token, args.clients, args.duration, args.swap_at,
-                                lambda: announce(url, swap_version, args.token))
+                                lambda: announce(url, swap_version, args.admin_token))
     finally:
         if args.launch:
             import ray

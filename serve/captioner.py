@@ -12,6 +12,11 @@ first: evaluation reads them from the feature cache, which stores float16, so th
 numbers the evaluation measured. The `free` rule hands the generated text, with the version's class list, to the
 Matcher deployment through a `TextMatcher` stand-in (`RemoteMatcher`).
 
+Every replica tells the Watcher what it serves after each move (`report`: its replica id, the generation, version and
+sha256 it serves, and the error if it could not load the one it was told), so `announce` settles only once every
+replica serves the new version. A replica behind the Ingress's floor (the newest (generation, version) already
+answered) says so ("stale") instead of answering, and the Ingress asks again.
+
 Model code (torch, transformers) is imported inside the methods: this module is imported wherever the application
 is built, and the Watcher (which loads no model) uses `read_version` from here.
 """
@@ -20,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,6 +49,12 @@ class VersionFiles:
     rule: Rule
     weights: bytes
     class_stats: bytes | None
+
+
+def newest_good_version(store: "ProjectionStore") -> int | None:
+    """The newest version whose files all match their manifest (the store falls back past damaged ones)."""
+    good = store.newest_good()
+    return good[0].version if good is not None else None
 
 
 def read_version(store: "ProjectionStore", version: int, stack_fingerprint: str) -> VersionFiles:
@@ -78,6 +89,8 @@ class ServedVersion:
     """One model version, immutable: its projection (inside `gmm`), classes, rule and statistics travel together."""
 
     version: int
+    sha256: str  # of the projection's weights: a re-published version N is told apart by it
+    generation: int  # the move (CaptionerConfig.generation) that made this replica serve it
     task: int
     classes: tuple[str, ...]
     stack_fingerprint: str
@@ -125,7 +138,7 @@ def allowed_rules(stats: "ClassifierStats", num_classes: int) -> tuple[str, ...]
 @serve.deployment(name="Captioner", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16)
 class Captioner:
     def __init__(self, store_url: str, storage_options: dict, stack: dict, cache_dir: str | None,
-                 matcher: DeploymentHandle, threads: int = 1):
+                 matcher: DeploymentHandle, watcher: DeploymentHandle | None = None, threads: int = 1):
         import torch
 
         from cil_platform.storage.store import ProjectionStore
@@ -137,6 +150,10 @@ class Captioner:
         self.encoder = create_encoder(self.stack).eval()
         self.base = create_gmm(self.stack, self.encoder.width, cache_dir or default_cache_dir())
         self.matcher = RemoteMatcher(matcher)
+        self.watcher = watcher
+        self.replica = serve.get_replica_context().replica_tag
+        self.reporting: asyncio.Task | None = None
+        self.moving: tuple[int, asyncio.Event] | None = None  # the generation being loaded, set once it is done
         self.active: ServedVersion | None = None
         self.compute = threading.Lock()  # one model computation at a time: a batch, or building a version
         self.config = CaptionerConfig()
@@ -148,35 +165,60 @@ class Captioner:
         self._caption.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.config = config
         # off the event loop: requests keep being answered by the current version meanwhile
-        await asyncio.to_thread(self._activate, config.version)
-
-    def _activate(self, version: int | None) -> None:
-        if version is None:
-            latest = self.store.latest()
-            if latest is None:
-                logger.warning("projection store %s has no version yet; /v1/classify answers 503 until one "
-                               "is published", self.store.url)
-                return
-            version = latest.version
-        if self.active is not None and self.active.version == version:
-            return
+        self.moving = (config.generation, asyncio.Event())
         try:
-            served = self._load(version)
-        except Exception:
+            error = await asyncio.to_thread(self._activate, config)
+        finally:
+            self.moving[1].set()
+        # in the background: a replica starting beside the Watcher must not wait for it to come up
+        self.reporting = asyncio.get_running_loop().create_task(self._report(config.generation, error))
+
+    async def _report(self, generation: int, error: str | None) -> None:
+        """Tell the Watcher what this replica serves now (announce waits for every replica's report)."""
+        if self.watcher is None:
+            return
+        served = self.active
+        report = {"generation": generation, "error": error,
+                  "serving": None if served is None else {"version": served.version, "sha256": served.sha256,
+                                                          "generation": served.generation}}
+        try:
+            await self.watcher.report.remote(self.replica, report)
+        except Exception:  # the Watcher restarting: it learns this replica's state on the next move
+            logger.exception("could not report to the Watcher")
+
+    def _activate(self, config: CaptionerConfig) -> str | None:
+        """Serve the version `config` names (None: the store's newest good one); returns why not, or None."""
+        version = config.version if config.version is not None else newest_good_version(self.store)
+        if version is None:
+            logger.warning("projection store %s has no good version yet; /v1/classify answers 503 until one "
+                           "is published", self.store.url)
+            return None
+        active = self.active
+        if active is not None and active.version == version and config.sha256 in (None, active.sha256):
+            if active.generation != config.generation:
+                self.active = replace(active, generation=config.generation)  # the same weights, a newer move
+            return None
+        try:
+            served = self._load(version, config.sha256, config.generation)
+        except Exception as error:
             if self.active is None:
                 raise  # a replica without any model must not come up
             logger.exception("could not load version %s; still serving version %s", version, self.active.version)
-            return
+            return f"{type(error).__name__}: {error}"
         self.active = served  # the swap: one reference assignment
-        logger.info("serving version %s (task %s, %s classes, rule %s)", served.version, served.task,
-                    len(served.classes), served.rule.value)
+        logger.info("serving version %s (sha256 %s, generation %s, task %s, %s classes, rule %s)", served.version,
+                    served.sha256[:12], served.generation, served.task, len(served.classes), served.rule.value)
+        return None
 
-    def _load(self, version: int) -> ServedVersion:
+    def _load(self, version: int, sha256: str | None = None, generation: int = 0) -> ServedVersion:
         from gmm_model import GMM, Projection
         from gmm_model.classify import ClassifierStats
 
         files = read_version(self.store, version, self.stack.fingerprint)
         manifest, rule = files.manifest, files.rule
+        if sha256 is not None and manifest.sha256 != sha256:
+            raise ValueError(f"version {version} in the store has weights {manifest.sha256[:12]}, not the announced "
+                             f"{sha256[:12]} (re-published since): announce it again")
         stats = ClassifierStats.from_bytes(files.class_stats) if files.class_stats is not None else ClassifierStats()
         stats.check(rule, len(manifest.seen_classes))  # a version must at least answer with its own rule
         base = self.base
@@ -184,25 +226,50 @@ class Captioner:
         with self.compute:
             gmm = GMM(base.llm, base.tokenizer, projection, self.stack.prompt).eval()
             gmm.prefix_cache(1)  # compute the shared prompt prefix now, not in the first request
-        return ServedVersion(manifest.version, manifest.task, tuple(manifest.seen_classes),
+        return ServedVersion(manifest.version, manifest.sha256, generation, manifest.task, tuple(manifest.seen_classes),
                              manifest.stack_fingerprint, manifest.created_at, rule, stats,
                              allowed_rules(stats, len(manifest.seen_classes)), dict(manifest.metrics), gmm)
 
-    def info(self) -> dict | None:
+    def _stale(self, floor: "tuple[int, int] | None") -> dict | None:
+        """{"error": "stale"} when this replica serves an older version than the Ingress has answered with."""
+        served = self.active
+        if served is not None and floor is not None and (served.generation, served.version) < tuple(floor):
+            return {"error": "stale", "generation": served.generation, "version": served.version}
+        return None
+
+    async def _behind(self, floor: "tuple[int, int] | None") -> dict | None:
+        """As `_stale`, but a replica that is loading the floor's generation right now answers once it has it
+        (instead of sending the request back to the Ingress to be retried)."""
+        stale = self._stale(floor)
+        if stale is not None and self.moving is not None and self.moving[0] >= floor[0]:
+            await self.moving[1].wait()
+            stale = self._stale(floor)
+        return stale
+
+    async def info(self, floor: "tuple[int, int] | None" = None) -> dict:
         served = self.active
         if served is None:
-            return None
-        return {"version": served.version, "task": served.task, "seen_classes": list(served.classes),
+            return {"error": "no_model"}
+        stale = await self._behind(floor)
+        served = self.active
+        if stale is not None:
+            return stale
+        return {"version": served.version, "sha256": served.sha256, "generation": served.generation,
+                "replica": self.replica, "task": served.task, "seen_classes": list(served.classes),
                 "num_classes": len(served.classes), "stack_fingerprint": served.stack_fingerprint,
                 "created_at": served.created_at, "rule": served.rule.value, "rules": list(served.rules),
                 "metrics": served.metrics}
 
     # ---- prediction --------------------------------------------------------------------------
-    async def caption(self, image: np.ndarray, top_k: int, rule: str | None = None, describe: bool = False) -> dict:
+    async def caption(self, image: np.ndarray, top_k: int, rule: str | None = None, describe: bool = False,
+                      floor: "tuple[int, int] | None" = None) -> dict:
         """One image's prediction (with a description if asked); or
-        {"error": "no_model" | "unknown_rule" | "rule_unavailable", "detail": ...}."""
+        {"error": "no_model" | "stale" | "unknown_rule" | "rule_unavailable", "detail": ...}."""
         if self.active is None:
             return {"error": "no_model"}
+        stale = await self._behind(floor)
+        if stale is not None:
+            return stale
         if rule is not None:
             try:
                 rule = Rule(rule).value
@@ -247,15 +314,17 @@ class Captioner:
                         for j, prediction in zip(described, with_text):
                             predictions[j] = prediction
                     for n, p in zip(rows, predictions):
-                        out[todo[n]] = answer(p, jobs[todo[n]].top_k, rule, served)
+                        out[todo[n]] = answer(p, jobs[todo[n]].top_k, rule, served, self.replica)
         return out
 
 
-def answer(prediction: "Prediction", top_k: int, rule: Rule, served: ServedVersion) -> dict:
-    """A prediction as the API returns it, naming the version and rule that produced it."""
+def answer(prediction: "Prediction", top_k: int, rule: Rule, served: ServedVersion, replica: str) -> dict:
+    """A prediction as the API returns it, naming the version (number, weights' sha256, generation), the rule and
+    the replica that produced it."""
     body = {"label": prediction.label, "score": prediction.score, "text": prediction.text,
             "top_k": [{"label": label, "score": score} for label, score in prediction.top_k[:top_k]],
-            "rule": rule.value, "version": served.version, "task": served.task}
+            "rule": rule.value, "version": served.version, "sha256": served.sha256, "generation": served.generation,
+            "task": served.task, "replica": replica}
     if prediction.description is not None:
         body.update(description=prediction.description.text, description_complete=prediction.description.ended)
     return body

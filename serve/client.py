@@ -3,7 +3,7 @@
 Only httpx and the standard library at import time, so a training job can import it cheaply.
 
     from serve.client import announce
-    announce("http://127.0.0.1:8000", manifest.version, token=os.environ.get("GMM_CIL_SERVE_TOKEN"))
+    announce("http://127.0.0.1:8000", manifest.version, token=os.environ.get("GMM_CIL_SERVE_ADMIN_TOKEN"))
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import httpx
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
 
-log = logging.getLogger(__name__)
+from .auth import ADMIN_TOKEN_ENV, TOKEN_ENV  # noqa: F401  (stdlib only; TOKEN_ENV: the API token's variable)
 
-TOKEN_ENV = "GMM_CIL_SERVE_TOKEN"  # where the service and its clients read the bearer token
+log = logging.getLogger(__name__)
 
 
 class AnnounceError(RuntimeError):
@@ -34,11 +34,14 @@ def _headers(token: str | None) -> dict[str, str]:
 
 def announce(url: str, version: int | None = None, token: str | None = None, *, wait: bool = True,
              timeout_s: float = 180.0) -> dict[str, Any]:
-    """Tell the app at `url` to serve store version `version` (None: the store's latest).
+    """Tell the app at `url` to serve store version `version` (None: the store's newest good one); `token` is the
+    admin token ($GMM_CIL_SERVE_ADMIN_TOKEN), not the API token.
 
-    POSTs to `{url}/v1/admin/reload`. With `wait`, returns once every replica serves it. Returns
-    {"version", "task", "rule", "previous", "settled"}; raises AnnounceError if the app refuses (404 unknown
-    version, 409 corrupt entry / other stack / app not deployed from a config, 401 token) or is unreachable.
+    POSTs to `{url}/v1/admin/reload`. With `wait`, returns once every Captioner replica serves it, or says which
+    did not. Returns {"version", "sha256", "generation", "task", "rule", "previous", "settled", "replicas",
+    "failed"}; raises AnnounceError if the app refuses (404 unknown version, 409 corrupt entry / other stack /
+    no replica could load it / app not deployed from a config, 401 no or wrong token, 403 not the admin token)
+    or is unreachable.
     """
     payload: dict[str, Any] = {"wait": wait}
     if version is not None:
@@ -59,7 +62,8 @@ def announce(url: str, version: int | None = None, token: str | None = None, *, 
 
 def announcer(url: str, token: str | None) -> Callable[[Any], None]:
     """An experiment's `on_publish` callback: tell the app at `url` of every new store version (anything with a
-    `.version`) without waiting for it to settle. A serving problem is logged, never fatal to the experiment."""
+    `.version`) without waiting for it to settle; `token`: the admin token. A serving problem is logged, never fatal
+    to the experiment."""
 
     def tell(manifest) -> None:
         try:

@@ -6,7 +6,8 @@ replaces one application's entry and applies it, as `serve deploy` does (applyin
 declarative applications it does not name, so they are all passed through).
 
 - `start(store_url, ...)`: deploy serve/config.yaml's application with this checkout as working_dir.
-- `set_served_version(app, version)`: the version a deployment serves is a key of its `user_config`. Changing only
+- `set_served_version(app, version, sha256)`: the version a deployment serves is a key of its `user_config`, with
+  the sha256 of its weights and a generation (one more than the live one: the order of moves). Changing only
   a user_config keeps the code version (import path, args and runtime_env are unchanged), so the controller calls
   `reconfigure` on every live replica in place — no restart, no new process — and hands the same user_config to
   every replica autoscaling starts later. The Watcher calls it from inside the cluster.
@@ -22,7 +23,8 @@ Hot swapping needs an application deployed from a config (`serve deploy` / `serv
 """
 from __future__ import annotations
 
-import hashlib
+import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -31,8 +33,10 @@ import yaml
 
 from cil_platform.paths import REPO_ROOT
 
+from .auth import Auth, env_vars
 from .settings import DEFAULT_APP_NAME, VERSIONED_DEPLOYMENTS
 
+log = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().with_name("config.yaml")
 
 
@@ -60,14 +64,36 @@ def app_status(app_name: str) -> str:
     return str(getattr(status, "value", status))
 
 
-def served_version(app_name: str) -> int | None:
-    """The version named in the Captioner's effective user_config (None: the latest at start-up)."""
+def _deployment(app_name: str, deployment: str) -> dict:
     app = _application(app_name)
     if app is None:
         raise KeyError(f"no Serve application named {app_name!r}")
-    deployment = (app.get("deployments") or {}).get(VERSIONED_DEPLOYMENTS[0]) or {}
-    config = (deployment.get("deployment_config") or {}).get("user_config") or {}
-    return config.get("version")
+    return (app.get("deployments") or {}).get(deployment) or {}
+
+
+def served_config(app_name: str) -> dict:
+    """The Captioner's effective user_config: {"version", "sha256", "generation", ...} (version None: the newest
+    good one at start-up)."""
+    deployment = _deployment(app_name, VERSIONED_DEPLOYMENTS[0])
+    return dict((deployment.get("deployment_config") or {}).get("user_config") or {})
+
+
+def served_version(app_name: str) -> int | None:
+    """The version named in the Captioner's effective user_config (None: the newest good one at start-up)."""
+    return served_config(app_name).get("version")
+
+
+def running_replicas(app_name: str, deployment: str = VERSIONED_DEPLOYMENTS[0]) -> list[str]:
+    """The ids (`serve.get_replica_context().replica_tag`) of the deployment's RUNNING replicas."""
+    replicas = _deployment(app_name, deployment).get("replicas") or []
+    return sorted(r["replica_id"] for r in replicas
+                  if str(getattr(r.get("state"), "value", r.get("state"))) == "RUNNING")
+
+
+def http_address() -> tuple[str | None, int | None]:
+    """Where Serve's HTTP proxies listen (host, port), as the controller has it."""
+    config = _client().http_config
+    return config.host, config.port
 
 
 def wait_running(app_name: str, timeout_s: float, poll_s: float = 0.2) -> bool:
@@ -108,9 +134,11 @@ def redeploy(name: str, entry: Callable[[Any], dict]) -> None:
     _client().deploy_apps(ServeDeploySchema(**fields))
 
 
-def set_served_version(app_name: str, version: int) -> None:
+def set_served_version(app_name: str, version: int, sha256: str | None = None) -> int:
     """Redeploy the app's current declarative config with user_config.version = `version` on the Captioner and
-    the Matcher (their other user_config keys as they are live). Returns once the app is DEPLOYING."""
+    the Matcher (their other user_config keys as they are live), and on the Captioner the weights' `sha256` and
+    the next generation. Returns that generation once the app is DEPLOYING."""
+    moved: dict[str, int] = {}
 
     def with_version(current) -> dict:
         if current is None:
@@ -125,11 +153,16 @@ def set_served_version(app_name: str, version: int) -> None:
             live = current.deployments.get(deployment)
             live_config = dict((live.deployment_config.user_config if live else None) or {})
             entry = deployments.setdefault(deployment, {"name": deployment})
-            entry["user_config"] = {**live_config, **(entry.get("user_config") or {}), "version": int(version)}
+            config = {**live_config, **(entry.get("user_config") or {}), "version": int(version)}
+            if deployment == VERSIONED_DEPLOYMENTS[0]:
+                moved["generation"] = int(live_config.get("generation") or 0) + 1
+                config.update(sha256=sha256, generation=moved["generation"])
+            entry["user_config"] = config
         tree["deployments"] = list(deployments.values())
         return tree
 
     redeploy(app_name, with_version)
+    return moved["generation"]
 
 
 # ---- the application entry, and starting it ----------------------------------------------------------------
@@ -139,21 +172,21 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> dict:
 
 
 def application_config(store_url: str, *, name: str = DEFAULT_APP_NAME, route_prefix: str = "/",
-                       token: str | None = None, args: dict | None = None,
+                       token: str | None = None, admin_token: str | None = None, args: dict | None = None,
                        deployments: dict[str, dict] | None = None, config_path: str | Path = DEFAULT_CONFIG,
                        working_dir: str | Path = REPO_ROOT) -> dict:
     """The application entry of serve/config.yaml with this checkout as working_dir and the given overrides.
 
     `deployments` maps a deployment name to options merged over the file's (user_config merged key by key).
+    `token` / `admin_token` reach every replica as their sha256 in runtime_env.env_vars (serve/auth.py).
     """
     config = load_config(config_path)
     app = dict(config["applications"][0])
     app.update(name=name, route_prefix=route_prefix)
     app["args"] = {**app.get("args", {}), "store_url": str(store_url), **(args or {})}
-    if token is not None:
-        app["args"]["token_sha256"] = hashlib.sha256(token.encode()).hexdigest()
     runtime_env = dict(app.get("runtime_env") or {})
     runtime_env["working_dir"] = f"local://{Path(working_dir).resolve()}"
+    runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **env_vars(token, admin_token)}
     app["runtime_env"] = runtime_env
     entries = {d["name"]: dict(d) for d in app.get("deployments", [])}
     for deployment, options in (deployments or {}).items():
@@ -167,24 +200,39 @@ def application_config(store_url: str, *, name: str = DEFAULT_APP_NAME, route_pr
     return app
 
 
+def check_auth(app: dict, host: str, port: int) -> Auth:
+    """The tokens an application entry gives its replicas (a "${VAR}" expanded from this environment, as Ray
+    expands it on the nodes): InsecureBindError for an open non-loopback bind; says, as a warning, when auth is off.
+    The Ingress replicas check the same again on their own runtime environment."""
+    expanded = {key: os.path.expandvars(str(value)) for key, value in (app.get("runtime_env") or {}).get(
+        "env_vars", {}).items()}
+    auth = Auth.from_env({key: value for key, value in expanded.items() if "${" not in value})
+    auth.require_safe_bind(host)
+    (log.warning if auth.off else log.info)("%s", auth.notice(f"http://{host}:{port}"))
+    return auth
+
+
 def start(store_url: str, *, host: str = "127.0.0.1", port: int = 8000, name: str = DEFAULT_APP_NAME,
-          route_prefix: str = "/", token: str | None = None, args: dict | None = None,
+          route_prefix: str = "/", token: str | None = None, admin_token: str | None = None, args: dict | None = None,
           deployments: dict[str, dict] | None = None, config_path: str | Path = DEFAULT_CONFIG,
           timeout_s: float = 300.0) -> str:
     """Deploy the application from serve/config.yaml (declaratively, as `serve deploy` does, so versions
     can be swapped in place) on the connected Ray cluster; returns the base URL once it is RUNNING.
 
-    Starts Serve with HTTP on host:port if it is not running. Everything else the controller holds is kept
-    (see `redeploy`). `token` protects every endpoint but /healthz (only its sha256 reaches the cluster).
+    Starts Serve with the config's http_options (request timeout...) on host:port if it is not running.
+    Everything else the controller holds is kept (see `redeploy`). `token` protects the API, `admin_token`
+    /v1/admin/* (only their sha256 reach the cluster). Refuses (InsecureBindError) a non-loopback host without a
+    token, before anything starts; says at start, as a warning, when auth is off.
     """
     import ray
     from ray import serve
 
+    app = application_config(store_url, name=name, route_prefix=route_prefix, token=token, admin_token=admin_token,
+                             args=args, deployments=deployments, config_path=config_path)
+    check_auth(app, host, port)
     if not ray.is_initialized():
         ray.init()
-    serve.start(http_options={"host": host, "port": port})
-    app = application_config(store_url, name=name, route_prefix=route_prefix, token=token, args=args,
-                             deployments=deployments, config_path=config_path)
+    serve.start(http_options={**(load_config(config_path).get("http_options") or {}), "host": host, "port": port})
     redeploy(name, lambda current: app)
     deadline = time.monotonic() + timeout_s
     status = "NOT_STARTED"

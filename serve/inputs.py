@@ -48,21 +48,30 @@ async def read_body(content_type: str | None, content_length: str | None, chunks
         shown = media or "none"
         raise InputError(415, f"unsupported content type {shown!r}: send the image bytes with an image/* "
                               f"content type, or multipart/form-data with the image in the field {FILE_FIELD!r}")
+    body = await read_bounded(content_length, chunks, limit, shown_limit=max_bytes)
+    if not body:
+        raise InputError(400, "empty body: send an image")
+    return kind, body
+
+
+async def read_bounded(content_length: str | None, chunks: AsyncIterator[bytes], limit: int, *,
+                       shown_limit: int | None = None) -> bytes:
+    """The body, never more than `limit` bytes of it read: 413 on a larger Content-Length before reading anything,
+    and again as soon as a streamed (chunked) body passes the limit. Every body the app reads goes through here."""
+    shown = limit if shown_limit is None else shown_limit
     if content_length is not None:
         try:
             declared = int(content_length)
         except ValueError:
             raise InputError(400, f"invalid Content-Length {content_length!r}") from None
         if declared > limit:
-            raise InputError(413, f"body of {declared} bytes exceeds the limit of {max_bytes} bytes")
+            raise InputError(413, f"body of {declared} bytes exceeds the limit of {shown} bytes")
     body = bytearray()
     async for chunk in chunks:
         body += chunk
         if len(body) > limit:
-            raise InputError(413, f"body exceeds the limit of {max_bytes} bytes")
-    if not body:
-        raise InputError(400, "empty body: send an image")
-    return kind, bytes(body)
+            raise InputError(413, f"body exceeds the limit of {shown} bytes")
+    return bytes(body)
 
 
 async def file_from_multipart(headers, body: bytes, max_bytes: int) -> bytes:

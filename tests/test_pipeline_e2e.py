@@ -41,7 +41,8 @@ def small_config(tmp_path, **overrides) -> ExperimentConfig:
     return ExperimentConfig.model_validate(tree)
 
 
-TOKEN = "job-announce-token"
+TOKEN = "client-api-token"
+ADMIN_TOKEN = "job-announce-admin-token"  # what a job announces with
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -65,10 +66,10 @@ def announced_run(tmp_path_factory):
     # the service's replicas reserve 1.25 CPUs; the two training workers need whole ones beside them
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        url = start(str(tmp_path / "store"), port=free_port(), token=TOKEN)
+        url = start(str(tmp_path / "store"), port=free_port(), token=TOKEN, admin_token=ADMIN_TOKEN)
         assert httpx.get(f"{url}/v1/model", headers=AUTH, timeout=30).status_code == 503  # nothing published
         cfg = small_config(tmp_path, store_url=str(tmp_path / "store"))
-        yield cfg, run_experiment(cfg, on_publish=announcer(url, TOKEN)), url
+        yield cfg, run_experiment(cfg, on_publish=announcer(url, ADMIN_TOKEN)), url
     finally:
         serve.shutdown()
         ray.shutdown()

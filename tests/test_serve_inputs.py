@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from starlette.datastructures import Headers
 
-from serve.inputs import InputError, decode_image, file_from_multipart, read_body
+from serve.inputs import InputError, decode_image, file_from_multipart, read_body, read_bounded
 
 
 def png(array: np.ndarray, mode: str | None = None) -> bytes:
@@ -66,6 +66,25 @@ def test_size_limits_on_declared_and_streamed_length():
     assert status_of(lambda: read("image/png", b"x" * 10, content_length="5000")) == 413  # a lying header
     assert status_of(lambda: read("image/png", b"x", content_length="a lot")) == 400
     assert read("image/png", b"x" * 1000)[1] == b"x" * 1000  # the limit itself is fine
+
+
+def test_a_bounded_read_stops_at_the_limit():
+    """Every body the app reads (an image, a reload request) is read through read_bounded: a declared length over
+    the limit reads nothing, and a streamed body is read no further than one chunk past the limit."""
+    consumed = []
+
+    async def endless(chunk: bytes = b"x" * 1024):
+        while True:
+            consumed.append(len(chunk))
+            yield chunk
+
+    def bounded(content_length, limit=4096):
+        return asyncio.run(read_bounded(content_length, endless(), limit))
+
+    assert status_of(lambda: bounded("10000000")) == 413 and consumed == []
+    assert status_of(lambda: bounded(None)) == 413 and sum(consumed) == 5 * 1024
+    assert asyncio.run(read_bounded("3", chunks(b"ab", b"c"), 4096)) == b"abc"
+    assert asyncio.run(read_bounded(None, chunks(), 4096)) == b""
 
 
 def test_empty_body_is_400():
