@@ -14,7 +14,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
-test-slow: $(VENV)/.installed  # the scale-out runs (kills, two nodes, S3 end to end, few-shot): tens of minutes
+test-slow: $(VENV)/.installed  # the longer scale-out runs (fit-level kills, ZeRO-2 restore, S3 end to end, few-shot): tens of minutes
 	$(PY) -m pytest -q -m slow $(ARGS)
 
 install: $(VENV)/.installed

@@ -49,6 +49,11 @@ OnPublish = Callable[[Manifest], None]  # told of every version as soon as it is
 
 # for every process of a local Ray: no download/loading bars from the Hugging Face libraries in the log
 WORKER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# Ray keeps idle worker processes up to a soft limit, by default the node's CPU count. On a small node whose CPUs
+# the training session holds, every feature read then started a fresh worker process (2.6-2.9 s a read on this
+# 2-core machine, 0.1 s with idle workers kept; docs/data_plane.md). A `ray start` cluster sets it through the
+# environment variable RAY_num_workers_soft_limit.
+IDLE_WORKERS_KEPT = 16
 
 
 def init_ray(address: str | None) -> None:
@@ -65,7 +70,8 @@ def init_ray(address: str | None) -> None:
     else:
         ray.init(address="local",  # a new local instance, never a stray `ray start` cluster on this machine
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), **WORKER_ENV}},
-                 include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+                 include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
+                 _system_config={"num_workers_soft_limit": IDLE_WORKERS_KEPT})
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
@@ -250,10 +256,12 @@ def run_task(setup: Setup, progress: Progress, task: Task, tracker: Tracker) -> 
     throughput.eval_images += len(seen_test)
     throughput.eval_seconds += t2 - t1
     base, *fused = rules
+    resumed = trained.metrics.get("start_epoch", 0)  # > 0: a worker group or driver restarted mid-update
     line = [f"task {task.index + 1}/{len(setup.scenario)}: gmm {accuracy[base]:.1%}"
             + (f" (+prototypes {accuracy[fused[0]]:.1%})" if fused else "")
             + f" (train {t1 - t0:.0f}s of which steps {trained.metrics.get('steps_seconds', 0):.0f}s, "
-              f"loss {trained.loss:.3f}, eval {t2 - t1:.0f}s)"]
+              f"loss {trained.loss:.3f}, eval {t2 - t1:.0f}s"
+            + (f", resumed from a checkpoint at epoch {resumed + 1}" if resumed else "") + ")"]
     setup.console.phase("baselines")
     for baseline in setup.baselines:
         b0 = time.perf_counter()

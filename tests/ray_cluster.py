@@ -123,6 +123,7 @@ def local_cluster(num_cpus: int = 2, extra_nodes: int = 0) -> Iterator[LocalClus
     # as in an activated virtualenv: a job's `python` is the one that has this project's packages
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
            "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "600",  # `ray start --head` gives up after 60 s on a busy machine
+           "RAY_num_workers_soft_limit": "16",  # as init_ray's IDLE_WORKERS_KEPT: feature reads reuse idle workers
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
     dashboard, gcs = free_port(), free_port()

@@ -132,6 +132,11 @@ def test_what_ray_train_unpickles_does_not_load_transformers():
     assert "transformers" not in loaded_after("import cil_platform.training.worker")
 
 
+def test_what_a_feature_read_task_imports_loads_neither_torch_nor_transformers():
+    """Ray Data's read tasks run in fresh worker processes: importing the model stack there cost 10-20 s per read."""
+    assert loaded_after("import cil_platform.feature_cache") == set()
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "jobs").glob("*.py") if p.name != "__init__.py"))
 def test_every_job_script_imports(script):
     """A job's imports run only when it is submitted: a name that moved must fail here, not on a cluster."""
