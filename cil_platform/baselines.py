@@ -4,7 +4,8 @@
   of prototypes. The prototypes are the run's class statistics (class_stats.py), shared with the fusion.
 - linear_sequential: a linear head trained on each task's data only (shows forgetting).
 - joint: a linear head retrained on all seen classes' data at every task (the upper bound).
-- ridge, ranpac, lda: closed-form classifiers kept as sufficient statistics, exemplar-free (closed_form.py).
+- ridge, ranpac, lda: closed-form classifiers kept as sufficient statistics, exemplar-free (closed_form.py). With
+  the ridge fusion on (fusion.py), ridge is the fusion's own ridge, learned before evaluation (`LearnedRidge`).
 Features are the encoder tokens averaged into one vector (the encoder's global embedding), computed batch by batch
 from the rows (a FeatureSet streams them from the feature cache); predictions are made batch by batch too.
 The heads train in memory on the pooled vectors of their data, read in one pass per task: linear_sequential holds
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .class_stats import ClassStatistics, pooled_rows, pooled_unit
-from .closed_form import CLOSED_FORM
+from .closed_form import CLOSED_FORM, Ridge
 from .features import FeatureSet, FeatureTable, key_bytes
 
 
@@ -52,6 +53,32 @@ class NearestClassMean:
     @property
     def memory_bytes(self) -> int:
         return self.stats.nbytes(["prototype"])
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class LearnedRidge:
+    """The ridge baseline when the ridge fusion runs: reads the fusion's ridge, which the experiment learns every task
+    before evaluation (the same code, seed and lambda choice as the baseline's own); holds nothing itself."""
+
+    name = "ridge"
+
+    def __init__(self, ridge: Ridge):
+        self.ridge = ridge
+
+    def learn(self, train: FeatureTable, seen: list[str]) -> None:
+        pass
+
+    def predict(self, test: FeatureSet | FeatureTable, seen: list[str]) -> list[str]:
+        return self.ridge.predict(test, seen)
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.ridge.memory_bytes
 
     def state_dict(self) -> dict:
         return {}
@@ -129,9 +156,13 @@ class LinearHead:
         return self.pool.subset(np.isin(mine.view(f"S{width}").ravel(), wanted.view(f"S{width}").ravel()))
 
 
-def make_baseline(name: str, stats: ClassStatistics, seed: int = 0, pool: FeatureSet | None = None):
+def make_baseline(name: str, stats: ClassStatistics, seed: int = 0, pool: FeatureSet | None = None,
+                  ridge: Ridge | None = None):
+    """`ridge`: the ridge fusion's ridge, which the `ridge` baseline then reads instead of learning its own."""
     if name == "ncm":
         return NearestClassMean(stats)
+    if name == "ridge" and ridge is not None:
+        return LearnedRidge(ridge)
     if name in ("linear_sequential", "joint"):
         return LinearHead(joint=name == "joint", seed=seed, pool=pool)
     if name in CLOSED_FORM:

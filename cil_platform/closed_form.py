@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .class_stats import pooled_rows
-from .features import FeatureTable
+from .features import FeatureSet, FeatureTable
 
 RIDGE_GRID = tuple(float(10.0 ** p) for p in range(-8, 9))  # RanPAC's lambda grid
 SHRINKAGE_GRID = tuple(float(g) for g in np.logspace(-4, 0, 9))
@@ -132,15 +132,23 @@ class ClosedForm:
             return self.grid[0]
         if not held.any():
             return self.chosen[-1] if self.chosen else self.grid[len(self.grid) // 2]
-        kept = SufficientStatistics.of(x[torch.from_numpy(~held)], labels[~held])
-        fit = kept if self.stats is None else self.stats.plus(kept)
+        fit = self.without(x, labels, held)
         x_held, targets = x[torch.from_numpy(held)], fit.targets(labels[held])
         losses = [self.loss(x_held @ w + b, targets) for w, b in (self.solve(fit, p) for p in self.grid)]
         return self.grid[int(np.argmin(losses))]
 
-    def learn(self, train: FeatureTable, seen: list[str]) -> None:
-        x, labels = self.embed(train), np.asarray([str(c) for c in train.labels], dtype=object)
-        self.chosen.append(self.choose(x, labels, np.asarray(train.keys)))
+    def without(self, x: torch.Tensor, labels: np.ndarray, held: np.ndarray) -> SufficientStatistics:
+        """The statistics learned so far plus a task's rows that are not `held` (the held-out fit)."""
+        kept = SufficientStatistics.of(x[torch.from_numpy(~held)], labels[~held])
+        return kept if self.stats is None else self.stats.plus(kept)
+
+    def learn(self, train: FeatureSet | FeatureTable, seen: list[str]) -> None:
+        self.learn_embedded(self.embed(train), np.asarray([str(c) for c in train.labels], dtype=object),
+                            np.asarray(train.keys))
+
+    def learn_embedded(self, x: torch.Tensor, labels: np.ndarray, keys: np.ndarray) -> None:
+        """`learn` from a task's embedded rows (the ridge fusion embeds a task once for this and its validation)."""
+        self.chosen.append(self.choose(x, labels, keys))
         new = SufficientStatistics.of(x, labels)
         self.stats = new if self.stats is None else self.stats.plus(new)
         self.weight, self.bias = self.solve(self.stats, self.chosen[-1])

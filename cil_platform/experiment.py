@@ -4,7 +4,8 @@ task, then the summary.
 set_up:   Ray, run state, the stage-1 aligned projection, the scenario (classes disjoint from alignment's),
           cached frozen features (streamed sets: the driver holds labels, keys and cache places, never features),
           the class statistics, replay memory and baselines; the training session starts with the first task to run.
-run_task: the Ray Train fit of the projection (with replay) -> the class statistics of the new classes ->
+run_task: (diagnostic: the starting projection's zero-shot accuracy on the new classes) -> the Ray Train fit of the
+          projection (with replay) -> the class statistics of the new classes (and the ridge fusion's ridge) ->
           evaluation on all seen classes under every rule -> ONE publication to the projection store (projection,
           the statistics its rule needs, its metrics) -> the baselines -> the run state (resumable after this task).
 summary:  metrics of every method, results.json, the plot and the table.
@@ -18,10 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import ray
 
 from gmm_model import create_encoder
-from gmm_model.classify import ClassifierStats
 from gmm_model.rules import Rule
 
 from .alignment import AlignedProjection, resolve_alignment
@@ -31,6 +32,7 @@ from .config import CREDENTIAL_FIELDS, ExperimentConfig
 from .data import dataset_class_names
 from .evaluation import evaluate
 from .features import FeatureSet, feature_sets_for
+from .fusion import RidgeFusion
 from .metrics import CLMetrics, evaluate_task
 from .paths import REPO_ROOT
 from .progress import Console
@@ -90,6 +92,20 @@ class MethodRecord:
 
 
 @dataclass
+class ZeroShot:
+    """The diagnostic accuracy, per task, of the starting projection on the task's classes before it trains on them
+    (None for a task that starts from no projection)."""
+
+    accuracy: list[float | None] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {"accuracy": list(self.accuracy)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accuracy = [None if a is None else float(a) for a in state["accuracy"]]
+
+
+@dataclass
 class Throughput:
     train_images: float = 0.0
     train_seconds: float = 0.0  # on the driver, from posting each update to holding its weights
@@ -123,6 +139,8 @@ class Setup:
     stats: ClassStatistics
     memory: object  # a replay memory (replay.py)
     baselines: list
+    fusion: RidgeFusion | None  # the trie+prior+ridge rule's ridge and weights (learned before each evaluation)
+    zero_shot: ZeroShot | None
     session_spec: SessionSpec  # the experiment's one worker group: trains every task and evaluates it
     on_publish: OnPublish | None
     console: Console  # what the run tells its user (progress.py)
@@ -151,6 +169,8 @@ class Setup:
     def components(self) -> dict:
         """What the run state persists after each task (numpy arrays and JSON values)."""
         return {"memory": self.memory, "class_stats": self.stats,
+                **({"ridge_fusion": self.fusion} if self.fusion else {}),
+                **({"zero_shot": self.zero_shot} if self.zero_shot else {}),
                 **{baseline.name: baseline for baseline in self.baselines}}
 
     def stats_parts(self, rule: Rule) -> set[Part]:
@@ -178,11 +198,15 @@ def set_up(cfg: ExperimentConfig, fresh: bool, on_publish: OnPublish | None, sta
                   f"skipped {dict(train.skipped + test.skipped) or 0}; features ready at "
                   f"{time.perf_counter() - started:.0f}s")
     stats = ClassStatistics()
+    fusion = RidgeFusion(seed=cfg.seed) if any(rule.ridge for rule in cfg.eval.rules) else None
     return Setup(
         cfg=cfg, scenario=scenario, aligned=aligned, visual_width=encoder.width, train=train, test=test,
         store=ProjectionStore(cfg.store_url, cfg.storage.options), run=run, stats=stats,
-        memory=make_memory(cfg.replay.mode, stats, cfg.replay.budget, cfg.replay.selection, cfg.seed),
-        baselines=[make_baseline(name, stats, cfg.seed, pool=train) for name in cfg.baselines],
+        memory=make_memory(cfg.replay.mode, stats, cfg.replay.budget, cfg.replay.selection, cfg.seed,
+                           cfg.replay.covariance),
+        baselines=[make_baseline(name, stats, cfg.seed, pool=train, ridge=fusion.ridge if fusion else None)
+                   for name in cfg.baselines],
+        fusion=fusion, zero_shot=ZeroShot() if cfg.eval.zero_shot else None,
         session_spec=SessionSpec(  # the session de-quantises the LLM once when it starts (TrainingSession)
             name="experiment", stack=cfg.stack, visual_width=encoder.width, cache_dir=cfg.cache_dir, train=cfg.train,
             storage_url=cfg.train_storage_url, storage_options=cfg.storage.options,
@@ -206,9 +230,23 @@ def start_or_resume(setup: Setup) -> tuple[Progress, int]:
 
 def fit_task(setup: Setup, task: Task, rows: FeatureSet, start: bytes | None) -> FitResult:
     cfg = setup.cfg
+    replay = setup.memory.payload()
+    if replay is not None and cfg.replay.align_weight > 0:  # classifier alignment toward the fusion's ridge head
+        replay["align"] = {"weight": cfg.replay.align_weight, "scale": setup.fusion.scale,
+                           "head": setup.fusion.head(replay["classes"]).numpy()}
     return setup.session.fit(f"task-{task.index:03d}", rows, start,
-                             seed=cfg.seed + 1000 * (task.index + 1), replay=setup.memory.payload(),
+                             seed=cfg.seed + 1000 * (task.index + 1), replay=replay,
                              replay_ratio=cfg.replay.ratio if cfg.replay.mode != "none" else 0.0)
+
+
+def zero_shot_accuracy(setup: Setup, task: Task, start: bytes | None) -> float | None:
+    """The starting projection's plain-trie accuracy on the task's test images among the task's own classes."""
+    if start is None:
+        return None
+    new = list(task.new_classes)
+    test = setup.test.select(new)
+    labels = evaluate(setup.session, start, test, new, [Rule.TRIE], setup.cfg.eval.batch_size).labels[Rule.TRIE]
+    return float(np.mean([p == str(y) for p, y in zip(labels, test.labels)]))
 
 
 def run_task(setup: Setup, progress: Progress, task: Task, tracker: Tracker) -> str:
@@ -219,17 +257,32 @@ def run_task(setup: Setup, progress: Progress, task: Task, tracker: Tracker) -> 
     seen_test = setup.test.select(seen)
     if len(task_train) == 0:
         raise ValueError(f"task {task.index} has no training images for classes {list(task.new_classes)}")
+    zero_shot = ""
+    if setup.zero_shot is not None:
+        setup.console.phase("zero-shot")
+        setup.zero_shot.accuracy.append(zero_shot_accuracy(setup, task, progress.projection))
+        if setup.zero_shot.accuracy[-1] is not None:
+            zero_shot = f"zero-shot {setup.zero_shot.accuracy[-1]:.1%}, "
     t0 = time.perf_counter()
     setup.console.phase("train")
-    trained = fit_task(setup, task, task_train, progress.projection)
+    # with the ridge fusion, the projection leaves the fusion's validation rows out (everything else learns them all)
+    trainable = task_train if setup.fusion is None else task_train.subset(~setup.fusion.held_out(task_train))
+    trained = fit_task(setup, task, trainable, progress.projection)
     t1 = time.perf_counter()
     setup.console.phase("evaluate")
+    validation = None
+    if setup.fusion is not None:  # before the class statistics learn the task (pseudo-features of old classes only)
+        validation = setup.fusion.learn_and_validate(task_train, setup.stats, seen, cfg.seed + task.index,
+                                                     cfg.eval.fusion_pseudo_per_class)
     setup.stats.learn(task_train)
     rules = setup.rules
     evaluation = evaluate(
         setup.session, trained.projection, seen_test, seen, rules, cfg.eval.batch_size,
         class_means=setup.stats.matrix("mean", seen) if any(r.prior for r in rules) else None,
-        prototypes=setup.stats.matrix("prototype", seen) if any(r.prototypes for r in rules) else None)
+        prototypes=setup.stats.matrix("prototype", seen) if any(r.prototypes for r in rules) else None,
+        ridge_head=setup.fusion.head(seen) if validation is not None else None, validation=validation)
+    if setup.fusion is not None:
+        setup.fusion.chosen.append(tuple(evaluation.stats.fusion.tolist()))
     t2 = time.perf_counter()
     accuracy = {}
     for rule in rules:
@@ -237,11 +290,10 @@ def run_task(setup: Setup, progress: Progress, task: Task, tracker: Tracker) -> 
         progress.records[setup.method_name(rule)].add(task_acc, accuracy[rule], t2 - t0)
     served = cfg.eval.served_rule
     setup.console.phase("publish")
-    published = ClassifierStats(evaluation.stats.first_token_prior if served.prior else None,
-                                evaluation.stats.prototypes if served.prototypes else None)
+    published = evaluation.stats.for_rule(served)
     manifest = setup.store.publish(
         task.index, trained.projection, seen, cfg.stack.fingerprint, rule=served.value,
-        class_stats=published.to_bytes() if served.prior or served.prototypes else None,
+        class_stats=published.to_bytes() if served.prior or served.fused else None,
         metrics={"accuracy": accuracy[served], "task_accuracy": progress.records[setup.method_name(served)].task_acc[-1],
                  "accuracy_by_rule": {rule.value: value for rule, value in accuracy.items()}},
         extra={"experiment": cfg.name, "replay": cfg.replay.mode})
@@ -257,8 +309,8 @@ def run_task(setup: Setup, progress: Progress, task: Task, tracker: Tracker) -> 
     throughput.eval_seconds += t2 - t1
     base, *fused = rules
     resumed = trained.metrics.get("start_epoch", 0)  # > 0: a worker group or driver restarted mid-update
-    line = [f"task {task.index + 1}/{len(setup.scenario)}: gmm {accuracy[base]:.1%}"
-            + (f" (+prototypes {accuracy[fused[0]]:.1%})" if fused else "")
+    line = [f"task {task.index + 1}/{len(setup.scenario)}: {zero_shot}gmm {accuracy[base]:.1%}"
+            + "".join(f" (+{rule.value.rsplit('+', 1)[-1]} {accuracy[rule]:.1%})" for rule in fused)
             + f" (train {t1 - t0:.0f}s of which steps {trained.metrics.get('steps_seconds', 0):.0f}s, "
               f"loss {trained.loss:.3f}, eval {t2 - t1:.0f}s"
             + (f", resumed from a checkpoint at epoch {resumed + 1}" if resumed else "") + ")"]
@@ -283,7 +335,10 @@ def summarise(setup: Setup, progress: Progress, seconds: float) -> dict:
     methods = {name: asdict(record) for name, record in progress.records.items()}
     for rule in setup.rules:
         row = methods[setup.method_name(rule)]
-        row["memory_bytes"] = setup.memory.nbytes + setup.stats.nbytes(setup.stats_parts(rule))
+        row["memory_bytes"] = (setup.memory.nbytes + setup.stats.nbytes(setup.stats_parts(rule))
+                               + (setup.fusion.memory_bytes if rule.ridge else 0))
+        if rule.ridge:
+            row["chosen"] = [list(c) for c in setup.fusion.chosen]  # (a, b) of every task
         row["train_images_per_second"] = throughput.train_images / max(throughput.train_seconds, 1e-9)
         row["train_overhead_fraction"] = 1 - throughput.steps_seconds / max(throughput.train_seconds, 1e-9)
         row["eval_images_per_second"] = throughput.eval_images / max(throughput.eval_seconds, 1e-9)
@@ -297,6 +352,7 @@ def summarise(setup: Setup, progress: Progress, seconds: float) -> dict:
         "scenario": {"name": setup.scenario.name, "class_order": setup.scenario.class_order},
         "alignment": {"origin": setup.aligned.origin, "classes": len(setup.aligned.classes)} if setup.aligned else None,
         "served_rule": cfg.eval.served_rule.value,
+        "zero_shot": setup.zero_shot.accuracy if setup.zero_shot else None,
         "skipped_images": dict(setup.train.skipped + setup.test.skipped),
         "methods": methods,
         "seconds": seconds,

@@ -4,6 +4,8 @@
 - pseudo: per-class, per-token Gaussian statistics (mean, std) of the cached features; replayed
   samples are drawn from them. No image or feature of an old class is kept. The statistics are the run's
   one ClassStatistics component (class_stats.py), which the prior and the prototypes share.
+  With `covariance="shared"`, the per-class means with one within-class covariance per token position, shared
+  by all classes (the statistic ridge and LDA rest on), instead of the per-class diagonal.
 - exemplar: a fixed total budget of real cached feature sets, chosen per class by herding
   (iCaRL) or at random, shrunk evenly as classes arrive.
 A memory hands the training workers a `payload` (plain numpy arrays) and `sample_replay` draws from it.
@@ -58,6 +60,55 @@ class PseudoFeatureReplay(NoReplay):
             return None
         return {"mode": "pseudo", "classes": list(self.stats.classes),
                 "mean": self.stats.matrix("mean", self.stats.classes), "std": self.stats.matrix("std", self.stats.classes)}
+
+
+class SharedCovarianceReplay(PseudoFeatureReplay):
+    """Draws mean_c + L_t z per token t: the class means of the class statistics, and a within-class covariance per
+    token position pooled over every class learned so far (its float64 scatter and degrees of freedom are what this
+    memory holds), shrunk by SHRINKAGE towards its own diagonal (it is singular while there are fewer within-class
+    degrees of freedom than feature dimensions)."""
+
+    mode = "pseudo"
+    stats_parts: tuple[Part, ...] = ("mean",)
+    SHRINKAGE = 0.1
+
+    def __init__(self, stats: ClassStatistics) -> None:
+        super().__init__(stats)
+        self.scatter: np.ndarray | None = None  # (T, D, D) sum over classes of the centred tokens' outer products
+        self.dof = 0  # rows minus classes
+
+    def update(self, task: FeatureTable) -> None:
+        for _, features in task.by_class():
+            centred = features.astype(np.float64) - features.astype(np.float64).mean(0)
+            scatter = np.einsum("ntd,nte->tde", centred, centred)
+            self.scatter = scatter if self.scatter is None else self.scatter + scatter
+            self.dof += len(features) - 1
+
+    def factor(self) -> np.ndarray:
+        """(T, D, D) float32 L_t with L_t L_t^T the shrunk covariance of token t (eigenvalues clipped at 0)."""
+        cov = self.scatter / max(self.dof, 1)
+        diagonal = np.einsum("tdd->td", cov)
+        shrunk = (1 - self.SHRINKAGE) * cov
+        shrunk[:, np.arange(cov.shape[1]), np.arange(cov.shape[1])] += self.SHRINKAGE * diagonal
+        values, vectors = np.linalg.eigh(shrunk)
+        return (vectors * np.sqrt(np.clip(values, 0, None))[:, None, :]).astype(np.float32)
+
+    def payload(self) -> dict | None:
+        if not self.stats.classes or self.scatter is None:
+            return None
+        return {"mode": "pseudo-shared", "classes": list(self.stats.classes),
+                "mean": self.stats.matrix("mean", self.stats.classes), "factor": self.factor()}
+
+    @property
+    def nbytes(self) -> int:
+        return self.scatter.nbytes if self.scatter is not None else 0
+
+    def state_dict(self) -> dict:
+        return {"scatter": self.scatter if self.scatter is not None else np.zeros(0), "dof": self.dof}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scatter = np.array(state["scatter"], dtype=np.float64) if np.size(state["scatter"]) else None
+        self.dof = int(state["dof"])
 
 
 class ExemplarMemory:
@@ -121,11 +172,14 @@ def herding_order(vectors: np.ndarray) -> np.ndarray:
     return np.asarray(chosen)
 
 
-def make_memory(mode: str, stats: ClassStatistics, budget: int = 2000, selection: str = "herding", seed: int = 0):
+def make_memory(mode: str, stats: ClassStatistics, budget: int = 2000, selection: str = "herding", seed: int = 0,
+                covariance: str = "diagonal"):
     if mode == "none":
         return NoReplay()
     if mode == "pseudo":
-        return PseudoFeatureReplay(stats)
+        if covariance not in ("diagonal", "shared"):
+            raise ValueError(f"unknown pseudo-feature covariance {covariance!r}; use diagonal or shared")
+        return SharedCovarianceReplay(stats) if covariance == "shared" else PseudoFeatureReplay(stats)
     if mode == "exemplar":
         return ExemplarMemory(budget, selection, seed)
     raise ValueError(f"unknown replay mode {mode!r}; use none, pseudo or exemplar")
@@ -139,6 +193,11 @@ def sample_replay(payload: dict | None, count: int, rng: np.random.Generator) ->
         classes = rng.integers(len(payload["classes"]), size=count)
         noise = rng.standard_normal((count, *payload["mean"].shape[1:]), dtype=np.float32)
         feats = payload["mean"][classes] + payload["std"][classes] * noise
+        return feats.astype(np.float32), [payload["classes"][c] for c in classes]
+    if payload["mode"] == "pseudo-shared":
+        classes = rng.integers(len(payload["classes"]), size=count)
+        noise = rng.standard_normal((count, *payload["mean"].shape[1:]), dtype=np.float32)
+        feats = payload["mean"][classes] + np.einsum("ntd,ted->nte", noise, payload["factor"])
         return feats.astype(np.float32), [payload["classes"][c] for c in classes]
     rows = rng.integers(len(payload["labels"]), size=count)
     return payload["features"][rows].astype(np.float32), [payload["labels"][r] for r in rows]

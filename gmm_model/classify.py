@@ -9,6 +9,9 @@ The rules (`Rule`, written as in configs, manifests and the API):
   removes the standing preference a projection trained task after task has for the newest names.
 - `trie+prototypes`, `trie+prior+prototypes`: the z-scored (prior-corrected) first-token score of each class plus
   the z-scored cosine similarity of the image to its class prototype (nearest-class-mean), from one forward.
+- `trie+prior+ridge`: `a * ridge(x) + b * (prior-corrected first-token score)`, the ridge head being the closed-form
+  classifier of the class statistics (`cil_platform/closed_form.py`) and (a, b) its inverse temperature and the
+  generative score's weight, both chosen on held-out training data (`cil_platform/fusion.py`), never on test data.
 
 Evaluation and the service both call `classify` with the rule a store version records and the statistics
 published with it (`ClassifierStats`), so the service answers with the classifier that was measured.
@@ -33,15 +36,26 @@ class ClassifierStats:
 
     first_token_prior: torch.Tensor | None = None  # (C,) log prior of each class's first name token
     prototypes: torch.Tensor | None = None  # (C, D) unit-norm class means of the mean-pooled visual tokens
+    ridge_head: torch.Tensor | None = None  # (C, D) ridge weights on the unit-norm mean-pooled visual tokens
+    fusion: torch.Tensor | None = None  # (2,) the ridge rule's (ridge scale a, generative weight b)
 
     def check(self, rule: Rule, num_classes: int) -> None:
         """A clear error when `rule` needs a statistic this object lacks or has for another class count."""
-        for name, needed in (("first_token_prior", rule.prior), ("prototypes", rule.prototypes)):
+        for name, needed in (("first_token_prior", rule.prior), ("prototypes", rule.prototypes),
+                             ("ridge_head", rule.ridge), ("fusion", rule.ridge)):
             value = getattr(self, name)
             if needed and value is None:
                 raise ValueError(f"rule {rule.value!r} needs the classes' {name}, which were not given")
-            if needed and value.shape[0] != num_classes:
+            if needed and name == "fusion" and value.shape != (2,):
+                raise ValueError(f"fusion holds {tuple(value.shape)} values, expected (a, b)")
+            if needed and name != "fusion" and value.shape[0] != num_classes:
                 raise ValueError(f"{name} has {value.shape[0]} rows for {num_classes} classes")
+
+    def for_rule(self, rule: Rule) -> "ClassifierStats":
+        """Only what `rule` needs (what a store version publishes with it)."""
+        return ClassifierStats(self.first_token_prior if rule.prior else None,
+                               self.prototypes if rule.prototypes else None,
+                               self.ridge_head if rule.ridge else None, self.fusion if rule.ridge else None)
 
     def to_bytes(self) -> bytes:
         """safetensors of the statistics present (the store publishes them with a version)."""
@@ -51,14 +65,16 @@ class ClassifierStats:
     @classmethod
     def from_bytes(cls, blob: bytes) -> "ClassifierStats":
         tensors = load_tensors(blob)
-        unknown = set(tensors) - {"first_token_prior", "prototypes"}
+        unknown = set(tensors) - set(STAT_NAMES)
         if unknown:
             raise ValueError(f"class statistics hold unknown tensors {sorted(unknown)}")
         return cls(**tensors)
 
     def _present(self) -> dict[str, torch.Tensor]:
-        return {name: value for name, value in (("first_token_prior", self.first_token_prior),
-                                                ("prototypes", self.prototypes)) if value is not None}
+        return {name: getattr(self, name) for name in STAT_NAMES if getattr(self, name) is not None}
+
+
+STAT_NAMES = ("first_token_prior", "prototypes", "ridge_head", "fusion")
 
 
 @dataclass
@@ -87,6 +103,13 @@ def fused_scores(first_token_log_prob: torch.Tensor, visual: torch.Tensor, proto
     to the class prototype. The generative score alone leans toward the newest classes; the prototypes do not drift."""
     similarity = torch.nn.functional.normalize(visual.float().mean(1), dim=1) @ prototypes.float().T
     return zscore(first_token_log_prob.float()) + zscore(similarity)
+
+
+def ridge_fused_scores(generative: torch.Tensor, visual: torch.Tensor, ridge_head: torch.Tensor,
+                       fusion: torch.Tensor) -> torch.Tensor:
+    """(B, C): a * ridge score + b * generative score (logits: their softmax is the fused posterior)."""
+    ridge = torch.nn.functional.normalize(visual.float().mean(1), dim=1) @ ridge_head.float().T
+    return fusion[0].float() * ridge + fusion[1].float() * generative.float()
 
 
 def classify(gmm: GMM, visual: torch.Tensor, class_names: list[str], rule: Rule | str,
@@ -129,18 +152,20 @@ def classify_rules(gmm: GMM, visual: torch.Tensor, class_names: list[str], rules
     out: dict[Rule, list[Prediction]] = {}
     walks: dict[bool, ConstrainedPrediction] = {}  # by whether the first step was prior-corrected
     trie = gmm.label_trie(class_names) if any(r.trie for r in rules) else None
-    for rule in sorted(rules, key=lambda r: r.prototypes):  # walks first: prototype rules reuse their scores
+    for rule in sorted(rules, key=lambda r: r.fused):  # walks first: fused rules reuse their scores
         if rule is Rule.FREE:
             out[rule] = _free(gmm, visual, class_names, matcher, top_k)
             continue
-        if not rule.prototypes:
+        if not rule.fused:
             walks[rule.prior] = gmm.decode_constrained(visual, trie, prior if rule.prior else None)
             out[rule] = _walked(gmm, walks[rule.prior], class_names, prior if rule.prior else None, top_k)
             continue
         walk = walks.get(rule.prior) or next(iter(walks.values()), None)
         first = walk.first_token_log_prob if walk is not None else gmm.first_token_log_prob(visual, trie)
         generative = first - prior if rule.prior else first
-        out[rule] = _ranked(gmm, fused_scores(generative, visual, stats.prototypes), class_names, top_k)
+        scores = (ridge_fused_scores(generative, visual, stats.ridge_head, stats.fusion) if rule.ridge
+                  else fused_scores(generative, visual, stats.prototypes))
+        out[rule] = _ranked(gmm, scores, class_names, top_k)
     return out
 
 

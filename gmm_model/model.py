@@ -85,6 +85,13 @@ class GMM(nn.Module):
         fifth more tokens than the samples have (the names differ in length) and made each layer's matmuls a
         batch of short ones; packed, they are one (tokens, H) matmul with no padding.
         """
+        return self.loss_and_class_log_posterior(visual, class_names)[0]
+
+    def loss_and_class_log_posterior(self, visual: torch.Tensor, class_names: list[str],
+                                     candidates: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`loss`, and from the same forward (B, K) log-softmax over the candidate first name tokens at the
+        position that predicts the first name token (the model's class posterior, which classifier alignment
+        trains; None without candidates)."""
         prompt = self.image_embeds(visual)
         batch, prompt_len, _ = prompt.shape
         answers = [self.tokens.answer(name) for name in class_names]
@@ -106,7 +113,14 @@ class GMM(nn.Module):
         rows = torch.cat([torch.arange(len(answer), device=self.device) + start + prompt_len - 1
                           for start, answer in zip(first.tolist(), answers)])
         targets = torch.tensor([t for answer in answers for t in answer], device=self.device)
-        return F.cross_entropy(self.llm.get_output_embeddings()(hidden[rows]).float(), targets)
+        head = self.llm.get_output_embeddings()
+        loss = F.cross_entropy(head(hidden[rows]).float(), targets)
+        if candidates is None:
+            return loss, None
+        first_name = first + prompt_len - 1 + len(self.tokens.template)  # the position predicting the first name token
+        index = torch.tensor(candidates, device=self.device)
+        bias = head.bias[index] if getattr(head, "bias", None) is not None else None
+        return loss, F.linear(hidden[first_name], head.weight[index], bias).float().log_softmax(-1)
 
     # ---- prediction ---------------------------------------------------------------------------
     def _start(self, embeds: torch.Tensor):

@@ -2,9 +2,10 @@
 
 A version is one store entry. The Captioner turns it into one `ServedVersion`: a GMM sharing the frozen LLM with
 that version's projection, its class list, the decoding rule its metrics were measured with (`manifest.rule`) and
-the class statistics that rule needs (`class_stats.safetensors`: first-token prior, prototypes). They are swapped
-together with a single assignment; a batch reads the reference once and is answered entirely by it, so no response
-pairs one version's projection with another's classes or statistics, and every response names its version and rule.
+the class statistics that rule needs (`class_stats.safetensors`: first-token prior, prototypes, ridge head). They
+are swapped together with a single assignment; a batch reads the reference once and is answered entirely by it, so
+no response pairs one version's projection with another's classes or statistics, and every response names its
+version and rule.
 
 Prediction is `gmm_model.classify.classify`, the function evaluation uses, with the version's rule unless the
 request asks for another one whose statistics the version has. The encoder's tokens are rounded through float16
@@ -79,7 +80,7 @@ def read_version(store: "ProjectionStore", version: int, stack_fingerprint: str)
     except ValueError:
         raise ValueError(f"version {version} records the unknown rule {manifest.rule!r}; known: "
                          f"{', '.join(r.value for r in Rule)}") from None
-    if (rule.prior or rule.prototypes) and class_stats is None:
+    if (rule.prior or rule.fused) and class_stats is None:
         raise ValueError(f"version {version} records the rule {rule.value!r} but no class statistics for it")
     return VersionFiles(manifest, rule, weights, class_stats)
 

@@ -68,14 +68,16 @@ def announced_run(tmp_path_factory):
     try:
         url = start(str(tmp_path / "store"), port=free_port(), token=TOKEN, admin_token=ADMIN_TOKEN)
         assert httpx.get(f"{url}/v1/model", headers=AUTH, timeout=30).status_code == 503  # nothing published
-        cfg = small_config(tmp_path, store_url=str(tmp_path / "store"))
+        cfg = small_config(tmp_path, store_url=str(tmp_path / "store"),
+                           baselines=["ncm", "linear_sequential", "joint", "ridge"])
         yield cfg, run_experiment(cfg, on_publish=announcer(url, ADMIN_TOKEN)), url
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-BASE, FUSED = "gmm[pseudo,trie+prior]", "gmm[pseudo,trie+prior+prototypes]"
+BASE, FUSED, RIDGE = "gmm[pseudo,trie+prior]", "gmm[pseudo,trie+prior+prototypes]", "gmm[pseudo,trie+prior+ridge]"
+D = 1280  # the encoder's width
 
 
 def test_incremental_run_writes_results_store_and_plot(announced_run):
@@ -89,12 +91,22 @@ def test_incremental_run_writes_results_store_and_plot(announced_run):
     assert len(gmm["overall"]) == 2 and all(0.0 <= a <= 1.0 for a in gmm["overall"])
     # aligned start + pseudo replay: far above chance (1/2 after task 1, 1/4 after task 2)
     assert gmm["overall"][0] > 0.5 and gmm["overall"][1] > 0.25
-    assert set(results["methods"]) == {BASE, FUSED, "ncm", "linear_sequential", "joint"}
-    fused = results["methods"][FUSED]
+    assert set(results["methods"]) == {BASE, FUSED, RIDGE, "ncm", "linear_sequential", "joint", "ridge"}
+    fused, ridge = results["methods"][FUSED], results["methods"][RIDGE]
     # class statistics are counted once: 4 classes x 4 tokens x 1280 x fp32 x (replay mean + std; the prior is
-    # estimated on those same means), and the fusion adds one fp32 prototype per class
-    assert gmm["memory_bytes"] == 4 * 4 * 1280 * 4 * 2
-    assert fused["memory_bytes"] == gmm["memory_bytes"] + 4 * 1280 * 4
+    # estimated on those same means), the prototype fusion adds one fp32 prototype per class, and the ridge fusion
+    # the ridge's float64 statistics (Gram matrix, per-class sums and counts), which the ridge baseline shares
+    assert gmm["memory_bytes"] == 4 * 4 * D * 4 * 2
+    assert fused["memory_bytes"] == gmm["memory_bytes"] + 4 * D * 4
+    ridge_statistics = 8 * (D * D + 4 * D + 4)
+    assert ridge["memory_bytes"] == gmm["memory_bytes"] + ridge_statistics
+    assert results["methods"]["ridge"]["memory_bytes"] == ridge_statistics
+    # one (a, b) per task, from the grids (fusion.py), chosen on held-out training rows
+    from cil_platform.fusion import GENERATIVE_WEIGHTS, RIDGE_SCALES
+
+    assert len(ridge["chosen"]) == 2
+    for a, b in ridge["chosen"]:
+        assert a in RIDGE_SCALES and min(abs(b / a - w) for w in GENERATIVE_WEIGHTS) < 1e-9
 
     on_disk = json.loads((run / "results.json").read_text())
     assert on_disk["methods"]["ncm"]["overall"] == results["methods"]["ncm"]["overall"]
@@ -104,17 +116,21 @@ def test_incremental_run_writes_results_store_and_plot(announced_run):
     assert store.versions() == [0, 1]
     manifest, weights = store.load(1)
     assert manifest.seen_classes == results["scenario"]["class_order"]
-    # the version records the most complete rule measured, and that rule's accuracy
-    assert manifest.rule == results["served_rule"] == "trie+prior+prototypes"
-    assert manifest.metrics["accuracy"] == pytest.approx(fused["overall"][1])
-    assert manifest.metrics["task_accuracy"] == pytest.approx(fused["task_acc"][1])
+    # the version records the ridge fusion (the best GMM rule the arena measured), and that rule's accuracy
+    assert manifest.rule == results["served_rule"] == "trie+prior+ridge"
+    assert manifest.metrics["accuracy"] == pytest.approx(ridge["overall"][1])
+    assert manifest.metrics["task_accuracy"] == pytest.approx(ridge["task_acc"][1])
     assert manifest.metrics["accuracy_by_rule"] == pytest.approx({"trie+prior": gmm["overall"][1],
-                                                                 "trie+prior+prototypes": fused["overall"][1]})
+                                                                 "trie+prior+prototypes": fused["overall"][1],
+                                                                 "trie+prior+ridge": ridge["overall"][1]})
     assert len(weights) > 1280 * 576 * 4
-    # with exactly the statistics that rule needs: a first-token prior and a prototype per seen class
+    # with exactly the statistics that rule needs: a first-token prior, the ridge head's row per seen class (the
+    # ridge baseline's weights after the same tasks) and the fusion's (a, b) of the last task; no prototypes
     assert manifest.class_stats is not None
     stats = ClassifierStats.from_bytes(store.class_stats(manifest))
-    assert stats.first_token_prior.shape == (4,) and stats.prototypes.shape == (4, 1280)
+    assert stats.first_token_prior.shape == (4,) and stats.ridge_head.shape == (4, D) and stats.prototypes is None
+    assert stats.fusion.tolist() == pytest.approx(ridge["chosen"][-1])
+    assert float(stats.ridge_head.norm()) > 0
 
 
 def served_model(url: str, version: int, timeout_s: float = 120.0) -> dict:
@@ -133,8 +149,9 @@ def test_the_job_moved_the_running_service_to_each_new_version(announced_run):
     model = served_model(url, 1)
     assert model["version"] == 1 and model["task"] == 1
     assert model["seen_classes"] == results["scenario"]["class_order"]
-    assert model["rule"] == "trie+prior+prototypes"
-    assert model["metrics"]["accuracy"] == pytest.approx(results["methods"][FUSED]["overall"][1])
+    assert model["rule"] == "trie+prior+ridge"
+    assert "trie+prior+ridge" in model["rules"] and "trie+prior+prototypes" not in model["rules"]
+    assert model["metrics"]["accuracy"] == pytest.approx(results["methods"][RIDGE]["overall"][1])
 
 
 def png(image: np.ndarray) -> bytes:

@@ -171,3 +171,23 @@ def test_no_credential_reaches_a_repr_or_a_written_config():
              json.dumps(cfg.model_dump(mode="json", exclude=CREDENTIAL_FIELDS))]
     assert not [text for text in shown if "SECRET" in text]
     assert cfg.dataset.storage_options == {"secret": "SECRET-1"}  # still there for the code that opens the URL
+
+
+def test_the_ridge_fusion_is_reported_last_and_served_and_its_dependants_are_checked():
+    cfg = load_config()  # the default: every rule, the ridge fusion served (the best GMM rule measured)
+    assert [r.value for r in cfg.eval.rules] == ["trie+prior", "trie+prior+prototypes", "trie+prior+ridge"]
+    assert cfg.eval.served_rule.value == "trie+prior+ridge"
+    cfg = load_config(overrides=["replay.align_weight=0.5", "replay.covariance=shared"])
+    assert (cfg.replay.align_weight, cfg.replay.covariance) == (0.5, "shared")
+    off = load_config(overrides=["eval.fuse_ridge=false"])
+    assert off.eval.served_rule.value == "trie+prior+prototypes"
+    # the fusion needs the prior's generative score: without it the rule is not reported (as prototypes for free)
+    assert [r.value for r in load_config(overrides=["eval.prior_correction=false"]).eval.rules] == [
+        "trie", "trie+prototypes"]
+    assert [r.value for r in load_config(overrides=["eval.decode=free"]).eval.rules] == ["free"]
+    with pytest.raises(pydantic.ValidationError, match="align_weight needs replay.mode=pseudo and the trie\\+prior"):
+        load_config(overrides=["replay.align_weight=0.5", "eval.fuse_ridge=false"])
+    with pytest.raises(pydantic.ValidationError, match="align_weight needs replay.mode=pseudo"):
+        load_config(overrides=["replay.align_weight=0.5", "replay.mode=exemplar"])
+    with pytest.raises(pydantic.ValidationError, match="covariance=shared applies to replay.mode=pseudo"):
+        load_config(overrides=["replay.covariance=shared", "replay.mode=exemplar"])

@@ -8,8 +8,8 @@ import pytest
 
 from cil_platform.class_stats import ClassStatistics
 from cil_platform.features import FeatureTable
-from cil_platform.replay import (ExemplarMemory, NoReplay, PseudoFeatureReplay, herding_order, make_memory, pooled,
-                                 sample_replay)
+from cil_platform.replay import (ExemplarMemory, NoReplay, PseudoFeatureReplay, SharedCovarianceReplay, herding_order,
+                                 make_memory, pooled, sample_replay)
 
 T, D = 2, 3
 
@@ -211,6 +211,33 @@ def test_pseudo_samples_follow_the_class_statistics():
         np.testing.assert_allclose(drawn.mean(0), mean, atol=0.12)
 
 
+def test_shared_covariance_samples_keep_the_class_means_and_the_correlations_a_diagonal_loses():
+    rng = np.random.default_rng(6)
+    mix = np.array([[1.0, 0.9, 0.0], [0.0, 0.4, 0.3], [0.0, 0.0, 0.2]])  # one correlated covariance for both classes
+    means = {"a": np.array([[0.0, 3.0, -3.0], [1.0, 1.0, 1.0]]), "b": np.array([[10.0, 0, 0], [0, 0, -10]])}
+    task = table({name: m + rng.standard_normal((600, T, D)) @ mix for name, m in means.items()})
+    stats = ClassStatistics()
+    stats.learn(task)
+    shared, diagonal = SharedCovarianceReplay(stats), PseudoFeatureReplay(stats)
+    assert shared.payload() is None  # nothing learned by the memory yet
+    shared.update(task)
+    assert shared.dof == 2 * 599 and shared.nbytes == T * D * D * 8
+    true = mix.T @ mix
+    feats, labels = sample_replay(shared.payload(), 6000, np.random.default_rng(1))
+    plain, plain_labels = sample_replay(diagonal.payload(), 6000, np.random.default_rng(1))
+    for name, mean in means.items():
+        drawn = feats[np.asarray(labels) == name]
+        np.testing.assert_allclose(drawn.mean(0), mean, atol=0.12)
+        cov = np.cov(drawn[:, 0].T)
+        # shrunk by 10 % towards its diagonal: the off-diagonal covariance is 0.9 of the true one, within sampling
+        np.testing.assert_allclose(cov, 0.9 * true + 0.1 * np.diag(np.diag(true)), atol=0.08)
+        plain_cov = np.cov(plain[np.asarray(plain_labels) == name][:, 0].T)
+        assert abs(plain_cov[0, 1]) < 0.08 < 0.9 * true[0, 1] - 0.1  # the diagonal Gaussian has none of it
+    restored = SharedCovarianceReplay(stats)
+    restored.load_state_dict(shared.state_dict())
+    assert restored.dof == shared.dof and np.array_equal(restored.payload()["factor"], shared.payload()["factor"])
+
+
 def test_sample_replay_with_nothing_to_draw_is_empty():
     rng = np.random.default_rng(0)
     feats, labels = sample_replay(None, 10, rng)
@@ -224,6 +251,9 @@ def test_make_memory_modes():
     stats = ClassStatistics()
     assert isinstance(make_memory("none", stats), NoReplay)
     assert make_memory("pseudo", stats).stats is stats
+    assert isinstance(make_memory("pseudo", stats, covariance="shared"), SharedCovarianceReplay)
+    with pytest.raises(ValueError, match="unknown pseudo-feature covariance 'full'"):
+        make_memory("pseudo", stats, covariance="full")
     memory = make_memory("exemplar", stats, budget=7, selection="random", seed=3)
     assert isinstance(memory, ExemplarMemory)
     assert (memory.budget, memory.selection) == (7, "random")

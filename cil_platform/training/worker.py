@@ -199,6 +199,7 @@ class SessionWorker:
         start_epoch, last = self.restore(update.name, backend)
         first_step = last_step = None
         log_every = max(1, steps_per_epoch // 4)
+        align = self.alignment(replay)
         for epoch in range(start_epoch, job.epochs):
             losses, images, epoch_start = [], 0, time.perf_counter()
             first_step = first_step or epoch_start
@@ -209,7 +210,10 @@ class SessionWorker:
                 replay_x, replay_y = sample_replay(replay, round(update.replay_ratio * len(labels)), rng)
                 if replay_y:
                     batch, labels = np.concatenate([batch, replay_x]), labels + replay_y
-                loss = self.gmm.loss(torch.from_numpy(batch).to(self.device), labels)
+                if align is not None and replay_y:
+                    loss = self.aligned_loss(torch.from_numpy(batch).to(self.device), labels, replay_x, align)
+                else:
+                    loss = self.gmm.loss(torch.from_numpy(batch).to(self.device), labels)
                 backend.step(loss)
                 losses.append(loss.item())
                 images += len(labels)  # new and replayed samples
@@ -228,6 +232,31 @@ class SessionWorker:
         weights = backend.full_projection_bytes()  # a collective under ZeRO: every rank takes part
         self.gmm.projection = projection
         return {"projection": weights, "metrics": metrics} if rank == 0 else None
+
+    def alignment(self, replay: dict | None) -> dict | None:
+        """Classifier alignment's fixed parts for one update: the old classes' first name tokens (the candidates of
+        the LLM's posterior) and, per class, its token's index among them; None when the replay asks for none."""
+        if not replay or "align" not in replay:
+            return None
+        from gmm_model.model import first_tokens
+
+        tokens = first_tokens(self.gmm.label_trie(replay["classes"]))
+        candidates = sorted(set(tokens))
+        return {**replay["align"], "candidates": candidates, "head": torch.from_numpy(replay["align"]["head"]),
+                "token_of_class": torch.tensor([candidates.index(t) for t in tokens])}
+
+    def aligned_loss(self, visual: torch.Tensor, labels: list[str], replayed: np.ndarray, align: dict) -> torch.Tensor:
+        """The answer loss plus align["weight"] * KL(ridge posterior || LLM posterior) on the replayed rows (the last
+        len(replayed) of the batch), from one forward."""
+        import torch.nn.functional as F
+
+        from ..fusion import alignment_target
+
+        loss, log_posterior = self.gmm.loss_and_class_log_posterior(visual, labels, align["candidates"])
+        target = alignment_target(replayed, align["head"], align["scale"], align["token_of_class"],
+                                  len(align["candidates"])).to(log_posterior.device)
+        kl = F.kl_div(log_posterior[-len(replayed):], target, reduction="batchmean")
+        return loss + align["weight"] * kl
 
     def restore(self, name: str, backend) -> tuple[int, dict]:
         """(the epoch to start from, the position of the last epoch done): from the group's checkpoint when it
