@@ -25,17 +25,17 @@ from .storage.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-READ_TASKS = 2  # concurrent Ray Data read tasks per stream; they ask for no CPU (see _read_options)
+READ_TASKS = 2  # concurrent Ray Data read tasks per stream; they ask for no CPU (see read_options)
 
 
-def _read_options(inputs: int) -> dict:
+def read_options(inputs: int) -> dict:
     """Ray Data map options of every feature read over `inputs` blocks: num_cpus=0, because a training session's
     workers hold every CPU of a small node for the whole experiment and a read that waited for a CPU would wait
     forever; the pool size caps the concurrent reads instead."""
     return {"num_cpus": 0, "compute": ray.data.TaskPoolStrategy(size=max(1, min(READ_TASKS, inputs)))}
 
 
-def _ordered() -> None:
+def preserve_order() -> None:
     """Streams come out in the order of their inputs (a dataset captures the current DataContext when it is made):
     a consumer's rows are a function of the set, not of Ray's scheduling."""
     ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -71,10 +71,10 @@ class FeatureCache:
         paths = self._shards()
         if not paths:
             return CacheIndex.of([])
-        _ordered()
+        preserve_order()
         blocks = min(len(paths), 200)
         listed = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks).map_batches(
-            _index_shards, fn_kwargs={"cache": self}, batch_size=8, **_read_options(blocks))
+            _index_shards, fn_kwargs={"cache": self}, batch_size=8, **read_options(blocks))
         found = []
         for batch in listed.iter_batches(batch_size=None, batch_format="numpy"):
             for path, stamp, writer, width, keys, shape in zip(batch["path"], batch["stamp"], batch["writer"],
@@ -165,7 +165,7 @@ class CacheIndex:
         keys = np.concatenate([f[2].reshape(-1, width) for f in found]).astype(np.uint8)
         shard = np.concatenate([np.full(len(f[2]), i, np.int32) for i, f in enumerate(found)])
         row = np.concatenate([np.arange(len(f[2]), dtype=np.int32) for f in found])
-        _, first = np.unique(_as_bytes(keys), return_index=True)  # first occurrence in oldest-first order
+        _, first = np.unique(keys_as_bytes(keys), return_index=True)  # first occurrence in oldest-first order
         return cls([f[0] for f in found], keys[first], shard[first], row[first], shapes.pop() if shapes else ())
 
     def __len__(self) -> int:
@@ -175,12 +175,12 @@ class CacheIndex:
         """Index into this index of each key ((n, L) uint8); -1 where a key is not cached."""
         if not len(self) or not len(keys):
             return np.full(len(keys), -1, np.int64)
-        mine, wanted = _as_bytes(self.keys), _as_bytes(keys)
+        mine, wanted = keys_as_bytes(self.keys), keys_as_bytes(keys)
         at = np.minimum(np.searchsorted(mine, wanted), len(mine) - 1)
         return np.where(mine[at] == wanted, at, -1)
 
 
-def _as_bytes(keys: np.ndarray) -> np.ndarray:
+def keys_as_bytes(keys: np.ndarray) -> np.ndarray:
     """(n, L) uint8 -> (n,) fixed-width byte strings, which numpy sorts and compares as whole keys."""
     keys = np.ascontiguousarray(keys, dtype=np.uint8)
     return keys.view(f"S{keys.shape[1]}").reshape(len(keys)) if keys.size else np.zeros(len(keys), "S1")
@@ -192,7 +192,7 @@ def key_bytes(keys) -> np.ndarray:
     return np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), -1) if keys else np.zeros((0, 0), np.uint8)
 
 
-def _read_rows(batch: dict, cache: FeatureCache, where: list, classes: list[str]) -> dict:
+def read_rows(batch: dict, cache: FeatureCache, where: list, classes: list[str]) -> dict:
     """Ray Data map: one shard's rows of a FeatureSet.dataset, read and verified here."""
     meta, names = ray.get(where[0]), np.asarray(classes)
     out = {"position": [], "label": [], "features": []}

@@ -30,7 +30,8 @@ from gmm_model.spec import ModelStack
 
 from .config import ExperimentConfig
 from .data import LabelledImages, load_dataset
-from .feature_cache import CacheIndex, FeatureCache, _as_bytes, _ordered, _read_options, _read_rows, key_bytes
+from .feature_cache import (CacheIndex, FeatureCache, key_bytes, keys_as_bytes, preserve_order, read_options,
+                            read_rows)
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class FeatureSet:
         names = np.asarray(classes, dtype=str)
         rank = np.argsort(np.argsort(names, kind="stable"), kind="stable")  # class code -> its name's sort rank
         codes = rank[np.asarray(codes, dtype=np.int64)] if len(codes) else np.zeros(0, np.int64)
-        order = np.lexsort((_as_bytes(keys), codes)) if len(codes) else np.zeros(0, int)  # by name, then key
+        order = np.lexsort((keys_as_bytes(keys), codes)) if len(codes) else np.zeros(0, int)  # by name, then key
         return cls(cache, index.shards, index.shard[at[order]], index.row[at[order]], codes[order].astype(np.int32),
                    sorted(str(c) for c in classes), np.ascontiguousarray(keys[order]), index.token_shape,
                    skipped or Counter())
@@ -156,14 +157,14 @@ class FeatureSet:
         stops = np.r_[starts[1:], len(positions)].astype(int)
         where = ray.put({"position": positions, "row": self.row[positions], "code": self.codes[positions]})
         items = [{"path": self.shards[shards[a]], "start": int(a), "stop": int(b)} for a, b in zip(starts, stops)]
-        _ordered()
+        preserve_order()
         if not items:
             return FeatureTable(np.zeros((0, *self.token_shape), np.float16), np.zeros(0, dtype=object),
                                 np.zeros(0, dtype=object)).dataset(np.zeros(0, np.int64))
         blocks = min(len(items), 1000)
         return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-            _read_rows, fn_kwargs={"cache": self.cache, "where": [where], "classes": list(self.classes)},
-            batch_size=1, **_read_options(blocks))
+            read_rows, fn_kwargs={"cache": self.cache, "where": [where], "classes": list(self.classes)},
+            batch_size=1, **read_options(blocks))
 
     def batches(self, size: int = 1024) -> Iterator[FeatureTable]:
         """Every row, streamed `size` at a time as in-memory tables, each with its rows' `positions` in this set: in
@@ -259,7 +260,7 @@ def extract_features(parts: list[LabelledImages], stack: ModelStack, cache: Feat
     stored some of these keys first (the oldest value wins).
     """
     index = cache.index()
-    _ordered()  # the sets' rows in the datasets' order
+    preserve_order()  # the sets' rows in the datasets' order
     tagged = [p.dataset.add_column("part", lambda batch, i=i: np.full(len(batch["key"]), i), batch_format="numpy")
               for i, p in enumerate(parts)]
     encoded = (tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]).map_batches(

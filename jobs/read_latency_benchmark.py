@@ -26,7 +26,7 @@ def one_setting(soft_limit: int | None, reads: int, pause: float) -> list[float]
     """Seconds of each read on a fresh local Ray; soft_limit None: Ray's default."""
     import ray
 
-    from cil_platform.feature_cache import _read_options
+    from cil_platform.feature_cache import read_options
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _system_config={} if soft_limit is None else {"num_workers_soft_limit": soft_limit},
@@ -49,7 +49,7 @@ def one_setting(soft_limit: int | None, reads: int, pause: float) -> list[float]
     for _ in range(reads):
         start = time.perf_counter()
         ray.data.from_items([{"x": i} for i in range(4)], override_num_blocks=2).map_batches(
-            read, **_read_options(2)).take_all()
+            read, **read_options(2)).take_all()
         seconds.append(time.perf_counter() - start)
         time.sleep(pause)
     ray.shutdown()
