@@ -4,6 +4,18 @@ import contextlib
 import pytest
 
 from tests.s3 import s3_bucket, s3_server  # noqa: F401  (the local S3 server: tests/s3.py)
+from tests.small_run import SmallRun, run_small_experiment
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory) -> SmallRun:
+    """The small experiment (tests/small_run.py) run once through `gmm-cil run` on a terminal, for every module
+    that checks it. Any Ray this process holds is shut down first: the run's own must be the only one."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    return run_small_experiment(tmp_path_factory.mktemp("small-run"))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The scale-out guarantees, on one small experiment run three ways (every run is minutes, so they share one
 reference):
 
-- in this process on a local single-node Ray: the reference;
+- `gmm-cil run` on a local single-node Ray, as the terminal test runs it (tests/small_run.py): the reference;
 - `ray job submit` to a cluster of two Ray nodes (separate `ray start` processes on this machine), the training
   session's workers spread over both: the reference's accuracy matrices exactly, every weight within 1e-6 (the
   same arithmetic, two DDP workers on gloo with one thread each; only where they run differs);
@@ -28,27 +28,15 @@ import pytest
 import ray
 from safetensors.numpy import load as load_safetensors
 
-from cil_platform.config import load_config
-from cil_platform.experiment import run_experiment
 from cil_platform.paths import REPO_ROOT
 from cil_platform.storage.store import ProjectionStore
 from tests.ray_cluster import local_cluster
 from tests.kills import checkpointed, ray_train_workers, wait_for
+from tests.small_run import job_arguments
 
 pytestmark = pytest.mark.e2e
 
 WEIGHT_TOLERANCE = 1e-6
-
-# 2 tasks of 2 QuickDraw classes; 3 epochs of 4 steps per worker, so a kill after an update's first epoch lands
-# with two epochs (seconds) still to run; pseudo replay, so task 2's batches draw from a seeded replay as well
-OVERRIDES = ["name=guarantees", "seed=7", "dataset.train_per_class=16", "dataset.test_per_class=4",
-             "scenario.num_classes=4", "scenario.increment=2", "scenario.order_seed=5",
-             "train.num_workers=2", "train.threads_per_worker=1", "train.batch_size=4", "train.epochs=3",
-             "train.placement_strategy=SPREAD", "replay.mode=pseudo", "baselines=[ncm]"]
-
-
-def job_arguments(output_dir: Path) -> list[str]:
-    return [arg for o in [*OVERRIDES, f"output_dir={output_dir}"] for arg in ("--set", o)]
 
 
 def methods(output_dir: Path) -> dict:
@@ -72,16 +60,10 @@ def assert_same_results(output_dir: Path, reference: Path, weight_tolerance: flo
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """The output dir of the uninterrupted run in this process, on a fresh local Ray of its own."""
-    out = tmp_path_factory.mktemp("reference")
-    if ray.is_initialized():
-        ray.shutdown()
-    try:
-        run_experiment(load_config(None, [*OVERRIDES, f"output_dir={out}"]))
-    finally:
-        ray.shutdown()  # the jobs below start Ray of their own
-    return out
+def reference(small_run) -> Path:
+    """The output dir of the uninterrupted run."""
+    assert small_run.exit_code == 0, small_run.screen[-5000:]
+    return small_run.output_dir
 
 
 def test_a_job_submitted_to_two_nodes_spreads_its_workers_and_matches_the_reference(reference, tmp_path):
@@ -159,8 +141,7 @@ def test_a_killed_worker_then_a_killed_driver_end_with_the_reference_results(ref
     assert store.versions() == [0]
     task1_published = store.manifest(0).created_at
 
-    with a_busy_process():
-        resumed = subprocess.run(job_command(out), env=job_env(), capture_output=True, text=True, timeout=1800)
+    resumed = subprocess.run(job_command(out), env=job_env(), capture_output=True, text=True, timeout=1800)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     shown = resumed.stdout
     assert "resuming" in shown and "1 of 2 tasks were completed" in shown, shown[-3000:]

@@ -109,6 +109,7 @@ def test_split_column_decodes_like_the_folder_loader_and_counts_bad_rows_alike(p
     assert reasons(folder_rows) == {"not an image": 1, "corrupt image": 1, "too large": 1}
 
 
+@pytest.mark.parametrize("place", ["local"], indirect=True)  # S3 reads go the same way: the test above covers them
 def test_train_test_subfolders_struct_images_caps_and_class_filter(place):
     url, options = place
     struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # Hugging Face's Image feature

@@ -1,54 +1,19 @@
 """What a run shows on the terminal: a header, two progress bars, a line per task; everything else (Ray, its
 workers, the libraries) goes to the run's log file. The session is checked on a small script; the real thing on a
-small experiment through `gmm-cil run` on a pseudo-terminal (e2e)."""
+small experiment through `gmm-cil run` on a pseudo-terminal (e2e; tests/small_run.py)."""
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import pty
 import re
-import select
-import struct
-import subprocess
 import sys
-import termios
 import textwrap
-import time
-from pathlib import Path
 
 import pytest
 
-GMM_CIL = Path(sys.executable).with_name("gmm-cil")
+from tests.small_run import on_a_terminal
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 BAR = re.compile(r"^(tasks \d+/\d+ \||task \d+ \w+ +\||setting up: )")
 NOISE = ("WARNING", "Warning", "Traceback", "PlacementGroupCleaner")
-
-
-def on_a_terminal(argv: list[str], cwd: Path, timeout: float, env: dict | None = None) -> tuple[int, str]:
-    """Run argv with stdout and stderr on a 120x40 pseudo-terminal; (exit code, everything written to it)."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    process = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
-                               env={**os.environ, **(env or {})}, close_fds=True)
-    os.close(slave)
-    chunks, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([master], [], [], 1.0)
-        if ready:
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: the other end is closed
-                data = b""
-            if not data:
-                break
-            chunks.append(data)
-        elif process.poll() is not None:
-            break
-    else:
-        process.kill()
-    os.close(master)
-    return process.wait(timeout=60), b"".join(chunks).decode("utf-8", "replace")
 
 
 def shown_lines(screen: str) -> tuple[list[str], list[str]]:
@@ -104,21 +69,14 @@ def test_without_a_terminal_the_console_prints_lines_only(tmp_path):
     assert out.read_text() == "task 2/2: done\n"
 
 
-SMALL_RUN = ["--set", "name=smoke", "--set", "dataset.train_per_class=12", "--set", "dataset.test_per_class=6",
-             "--set", "scenario.num_classes=4", "--set", "scenario.increment=2", "--set", "train.batch_size=6"]
-
-
 @pytest.mark.e2e
-def test_a_small_run_shows_a_clean_terminal_and_logs_the_rest(tmp_path):
-    out = tmp_path / "smoke"
-    code, screen = on_a_terminal([str(GMM_CIL), "run", "--fresh", "--set", f"output_dir={out}", *SMALL_RUN],
-                                 tmp_path, 600, env={"HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""})
-    (tmp_path / "screen.txt").write_text(screen)  # kept by pytest with tmp_path: what the terminal received
-    assert code == 0, screen[-5000:]
+def test_a_small_run_shows_a_clean_terminal_and_logs_the_rest(small_run):
+    out, screen = small_run.output_dir, small_run.screen
+    assert small_run.exit_code == 0, screen[-5000:]
     text, bars = shown_lines(screen)
     noisy = [line for line in text + bars if any(word in line for word in NOISE)]
     assert not noisy, noisy
-    assert text[0].startswith("GMM-CIL smoke") and any(line.startswith("log ") for line in text[:6]), text
+    assert text[0].startswith("GMM-CIL small-run") and any(line.startswith("log ") for line in text[:6]), text
     task_lines = [line for line in text if line.startswith("task ")]
     assert [line.split(":")[0] for line in task_lines] == ["task 1/2", "task 2/2"], text
     # header (5) + features line + a line per task + the table (2 + a row per method) + the files written
@@ -134,7 +92,7 @@ def test_a_small_run_shows_a_clean_terminal_and_logs_the_rest(tmp_path):
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    [run] = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    [run] = client.search_runs([client.get_experiment_by_name("small-run").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["scenario.increment"] == "2"
     expected = {"loss", "train_seconds", "eval_seconds", "accuracy/ncm", "accuracy/gmm/pseudo/trie_prior"}
     assert expected <= set(run.data.metrics), run.data.metrics

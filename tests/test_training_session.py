@@ -75,7 +75,7 @@ def tasks(own_ray_for_module, tmp_path_factory):
     return cfg, encoder.width, streamed, streamed_test, PseudoFeatureReplay(stats).payload()
 
 
-def test_one_session_trains_and_evaluates_as_separate_fits_would(tasks, tmp_path):
+def test_one_session_refuses_bad_input_trains_and_evaluates_as_separate_fits_would(tasks, tmp_path):
     cfg, width, train, test, replay = tasks  # streamed from the cache
     train_cfg = cfg.train.model_copy(update={"batch_size": 4, "num_workers": 2, "epochs": 2})
     first_task, second_task = train.select(["apple", "cat"]), train.select(["dog", "fish"])
@@ -83,6 +83,8 @@ def test_one_session_trains_and_evaluates_as_separate_fits_would(tasks, tmp_path
                        train=train_cfg, storage_url=str(tmp_path / "session"))
     classes = ["apple", "cat", "dog", "fish"]
     with TrainingSession(spec) as session:
+        with pytest.raises(ValueError, match="1 training images cannot be shared by 2 workers"):
+            session.fit("task-000", first_task.subset(slice(0, 1)), None, seed=1)  # refused before any work
         first = session.fit("task-000", first_task, None, seed=1)
         second = session.fit("task-001", second_task, first.projection, seed=2,
                              replay=replay, replay_ratio=1.0)
@@ -90,6 +92,8 @@ def test_one_session_trains_and_evaluates_as_separate_fits_would(tasks, tmp_path
         with pytest.raises(ValueError, match="refused 3 rows"):  # bad input: the worker's error, no restart
             session.map_shards(refuse, second.projection, test.to_table().features[:6])
         after = session.fit("task-002", first_task.subset(slice(0, 4)), None, seed=3)
+    with pytest.raises(RuntimeError, match="closed"):
+        session.fit("task-003", first_task, None, seed=0)
     # the same worker processes all along: no start-up per update, and no restart for the refused input
     assert first.metrics["pid_per_worker"] == second.metrics["pid_per_worker"] == after.metrics["pid_per_worker"]
     assert second.metrics["start_epoch"] == 0 and second.images == 2 * (16 // 2) * 2 * 2  # new + replayed, 2 epochs
@@ -107,17 +111,3 @@ def test_one_session_trains_and_evaluates_as_separate_fits_would(tasks, tmp_path
     assert np.concatenate([part[Rule.TRIE] for part in evaluated]).tolist() == here.tolist()
     assert len(evaluated) == 2 and all(len(part[Rule.TRIE]) for part in evaluated)
     assert all(part[Rule.TRIE].dtype == np.int32 for part in evaluated)  # compact answers: class indices
-
-
-def test_a_closed_session_refuses_work_and_too_few_images_are_refused(tasks, tmp_path):
-    cfg, width, train, _, _ = tasks
-    spec = SessionSpec(name="small", stack=cfg.stack, visual_width=width, cache_dir=cfg.cache_dir,
-                       train=cfg.train.model_copy(update={"num_workers": 2}), storage_url=str(tmp_path))
-    session = TrainingSession(spec)
-    try:
-        with pytest.raises(ValueError, match="1 training images cannot be shared by 2 workers"):
-            session.fit("task-000", train.subset(slice(0, 1)), None, seed=0)
-    finally:
-        session.close()
-    with pytest.raises(RuntimeError, match="closed"):
-        session.fit("task-000", train, None, seed=0)
