@@ -186,39 +186,3 @@ def test_concurrent_publishers_on_s3_one_wins(s3_bucket):
     assert sorted(results) == ["published", "refused", "refused", "refused"], results
     manifest, weights = ProjectionStore(url, s3_bucket.options).load(0)
     assert weights == f"weights {results.index('published')}".encode() * 100
-
-
-# ---------------------------------------------------------------- Ray Train checkpoints on S3
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from cil_platform.experiment import init_ray
-
-    init_ray(None)
-    yield
-    ray.shutdown()
-
-
-def test_ray_train_checkpoints_land_on_s3(ray_session, s3_bucket):
-    from cil_platform.config import TrainConfig
-    from cil_platform.features import FeatureTable
-    from cil_platform.training.fit import FitSpec, fit_projection
-    from gmm_model import ModelStack
-
-    rng = np.random.default_rng(0)
-    labels = np.asarray(["cat", "dog"] * 4, dtype=object)
-    table = FeatureTable(rng.standard_normal((8, 4, 1280)).astype(np.float16), labels,
-                         np.asarray([f"{i:040x}" for i in range(8)], dtype=object))
-    cache_dir = str(Path(os.environ.get("GMM_CIL_CACHE", "~/.cache/gmm-cil")).expanduser())
-    result = fit_projection(FitSpec(name="task-000", features=table, start=None, stack=ModelStack(), visual_width=1280,
-                                    cache_dir=cache_dir, train=TrainConfig(epochs=2, batch_size=4, num_workers=1),
-                                    storage_url=s3_bucket.url("checkpoints"), seed=0,
-                                    storage_options=s3_bucket.options))
-
-    objects = s3_bucket.keys("checkpoints")
-    saved = sorted(o for o in objects if o.startswith("task-000/") and o.endswith("/projection.safetensors"))
-    assert len(saved) == 2  # one checkpoint per epoch, both uploaded to the bucket
-    storage = s3_bucket.storage("checkpoints")
-    assert storage.fs.cat_file(f"{storage.path}/{saved[-1]}") == result.projection  # the result is the last one

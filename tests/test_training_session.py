@@ -4,7 +4,8 @@ updates and evaluations, each exactly as a fit of its own would compute it.
 The feed's protocol is tested on its own (a Ray actor, no model); the session with the real small stack on
 QuickDraw features: two updates and an evaluation in the same worker processes, on rows the workers stream from
 the feature cache themselves, the second update equal to the weights of the same update run alone on the same rows
-held in memory, the evaluation equal to the same code run in this process.
+held in memory (that fit checkpointing to an S3 bucket: tests/s3.py), the evaluation equal to the same code run
+in this process.
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def tasks(own_ray_for_module, tmp_path_factory):
     return cfg, encoder.width, streamed, streamed_test, PseudoFeatureReplay(stats).payload()
 
 
-def test_one_session_refuses_bad_input_trains_and_evaluates_as_separate_fits_would(tasks, tmp_path):
+def test_one_session_refuses_bad_input_trains_and_evaluates_as_separate_fits_would(tasks, tmp_path, s3_bucket):
     cfg, width, train, test, replay = tasks  # streamed from the cache
     train_cfg = cfg.train.model_copy(update={"batch_size": 4, "num_workers": 2, "epochs": 2})
     first_task, second_task = train.select(["apple", "cat"]), train.select(["dog", "fish"])
@@ -100,7 +101,11 @@ def test_one_session_refuses_bad_input_trains_and_evaluates_as_separate_fits_wou
     in_memory = second_task.to_table()  # the same rows, through the object store instead of the cache
     alone = fit_projection(FitSpec(name="task-001", features=in_memory, start=first.projection, stack=cfg.stack,
                                    visual_width=width, cache_dir=cfg.cache_dir, train=train_cfg,
-                                   storage_url=str(tmp_path / "alone"), seed=2, replay=replay, replay_ratio=1.0))
+                                   storage_url=s3_bucket.url("alone"), storage_options=s3_bucket.options,
+                                   seed=2, replay=replay, replay_ratio=1.0))
+    saved = sorted(o for o in s3_bucket.keys("alone") if o.startswith("task-001/") and o.endswith("/projection.safetensors"))
+    assert len(saved) == 2  # the fit's checkpoints, one per epoch, uploaded to the bucket; the result is the last
+    assert s3_bucket.storage("alone").fs.cat_file(f"{s3_bucket.storage('alone').path}/{saved[-1]}") == alone.projection
     a, b = load_tensors(second.projection), load_tensors(alone.projection)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (load_tensors(first.projection)["weight"] != a["weight"]).any()
