@@ -10,6 +10,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -57,6 +59,24 @@ def _from_pretrained(source: LLMSource, dtype: torch.dtype, bnb_config=None) -> 
     return model, tokenizer
 
 
+@contextmanager
+def _no_loading_bars():
+    """transformers draws two tqdm bars while it de-quantises a GGUF file (its converter's and its weight loader's);
+    in a job's log they are noise. Off for this load only: the process's other bars are left as they were."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on, converter_bar = hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
+    hf_logging.disable_progress_bar()
+    gguf_utils.tqdm = partial(converter_bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = converter_bar
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
 def prepare_llm(spec: str, cache_dir: str | Path) -> LLMSource:
     """Make the LLM fast to load: GGUF is de-quantised once into the cache (atomically)."""
     source = resolve_llm_source(spec)
@@ -65,7 +85,8 @@ def prepare_llm(spec: str, cache_dir: str | Path) -> LLMSource:
     target = _dequantised_cache_dir(source, cache_dir)
     if (target / "config.json").is_file():
         return LLMSource(str(target))
-    model, tokenizer = _from_pretrained(source, torch.float32)
+    with _no_loading_bars():
+        model, tokenizer = _from_pretrained(source, torch.float32)
     model.hf_quantizer = None
     model.config.quantization_config = None
     target.parent.mkdir(parents=True, exist_ok=True)

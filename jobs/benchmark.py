@@ -15,14 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cil_platform.config import load_config  # noqa: E402
-from cil_platform.evaluation import evaluate  # noqa: E402
-from cil_platform.experiment import run_experiment  # noqa: E402
-from cil_platform.features import features_for  # noqa: E402
 from cil_platform.report import format_table, write_report  # noqa: E402
-from cil_platform.storage.store import ProjectionStore  # noqa: E402
-from cil_platform.training.session import SessionSpec, TrainingSession  # noqa: E402
-from gmm_model import create_encoder  # noqa: E402
-from gmm_model.rules import Rule  # noqa: E402
 
 MODES = ("pseudo", "none", "exemplar")
 
@@ -33,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     args = parser.parse_args(argv)
+    from cil_platform.experiment import run_experiment  # Ray, torch and the model stack: not for --help
+
     base = load_config(args.config, args.overrides + ["name=benchmark"])
     combined: dict = {"title": "", "methods": {}, "runs": {}}
     for index, mode in enumerate(args.modes):
@@ -57,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
 def compare_decoders(cfg) -> dict:
     """Accuracy and images/s of trie and free decoding with the final projection of a finished run."""
     import time
+
+    from cil_platform.evaluation import evaluate
+    from cil_platform.features import features_for
+    from cil_platform.storage.store import ProjectionStore
+    from cil_platform.training.session import SessionSpec, TrainingSession
+    from gmm_model import create_encoder
+    from gmm_model.rules import Rule
 
     store = ProjectionStore(cfg.store_url)
     manifest, weights = store.load(store.versions()[-1])

@@ -87,6 +87,7 @@ def test_a_small_run_shows_a_clean_terminal_and_logs_the_rest(small_run):
     assert "RayTrainWorker" in log and "Started training worker group" in log  # the workers' output, forwarded
     assert "Failed to query Ray Train Controller actor state" not in log  # its cause is gone, not just hidden
     assert "Loading weights" not in log  # transformers' bars are off in every worker
+    assert "de-quantizing GGUF" not in log  # and in the driver's one-time de-quantisation (a fresh cache)
     assert (out / "results.json").is_file()
     # the same run, recorded in MLflow (cil_platform/tracking.py): a metric per method and task, the artifacts
     import mlflow
