@@ -103,9 +103,11 @@ def test_one_session_refuses_bad_input_trains_and_evaluates_as_separate_fits_wou
                                    visual_width=width, cache_dir=cfg.cache_dir, train=train_cfg,
                                    storage_url=s3_bucket.url("alone"), storage_options=s3_bucket.options,
                                    seed=2, replay=replay, replay_ratio=1.0))
-    saved = sorted(o for o in s3_bucket.keys("alone") if o.startswith("task-001/") and o.endswith("/projection.safetensors"))
+    saved = sorted(o for o in s3_bucket.keys("alone")
+                   if o.startswith("task-001/") and o.endswith("/projection.safetensors"))
     assert len(saved) == 2  # the fit's checkpoints, one per epoch, uploaded to the bucket; the result is the last
-    assert s3_bucket.storage("alone").fs.cat_file(f"{s3_bucket.storage('alone').path}/{saved[-1]}") == alone.projection
+    bucket = s3_bucket.storage("alone")
+    assert bucket.fs.cat_file(f"{bucket.path}/{saved[-1]}") == alone.projection
     a, b = load_tensors(second.projection), load_tensors(alone.projection)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (load_tensors(first.projection)["weight"] != a["weight"]).any()
