@@ -9,8 +9,9 @@ from tests.small_run import SmallRun, run_small_experiment
 
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory) -> SmallRun:
-    """The small experiment (tests/small_run.py) run once through `gmm-cil run` on a terminal, for every module
-    that checks it. Any Ray this process holds is shut down first: the run's own must be the only one."""
+    """The small experiment (tests/small_run.py) run once through `gmm-cil run --announce` on a terminal beside
+    `gmm-cil serve`, for every module that checks it. Any Ray this process holds is shut down first: the run and the
+    service each start their own."""
     import ray
 
     if ray.is_initialized():

@@ -1,90 +1,44 @@
-"""End to end: the real pipeline (QuickDraw, EfficientNet-Lite0, SmolLM2, Ray Train) on a few classes.
+"""End to end: the real pipeline (QuickDraw, EfficientNet-Lite0, SmolLM2, Ray Train) on a few classes, as a user runs
+it: `gmm-cil serve` of a store, and `gmm-cil run --announce` moving that service to each version the job publishes.
 
-One incremental run of two tasks serves every test of the first part (a run is the expensive part): it announces
-each task's version to a running Ray Serve application, as a production job would (`on_publish=announcer(...)`),
-and the tests check its results, its store and the service, down to the service answering every test image as the
-evaluation did.
+The run is the session's small run (tests/small_run.py, shared with the terminal test and the scale-out
+guarantees: a run is the expensive part); these tests check its results, its store and what the service answered,
+down to the service answering every test image as the evaluation did.
 """
 from __future__ import annotations
 
-import io
 import json
-import socket
-import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+import shutil
 
-import httpx
 import numpy as np
 import pytest
 import torch
-import ray
 
-from cil_platform.config import ExperimentConfig
 from cil_platform.experiment import run_experiment
 from cil_platform.storage.store import ProjectionStore
+from tests.small_run import SmallRun, small_config
 
-pytestmark = pytest.mark.e2e
-
-
-def small_config(tmp_path, **overrides) -> ExperimentConfig:
-    tree = {
-        "name": "e2e",
-        "dataset": {"kind": "quickdraw", "train_per_class": 12, "test_per_class": 6},
-        "scenario": {"num_classes": 4, "initial": 0, "increment": 2, "order_seed": 3},
-        "train": {"num_workers": 2, "batch_size": 6, "lr": 2e-3},
-        "replay": {"mode": "pseudo"},
-        "output_dir": str(tmp_path / "run"),
-    }
-    for key, value in overrides.items():
-        tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
-    return ExperimentConfig.model_validate(tree)
-
-
-TOKEN = "client-api-token"
-ADMIN_TOKEN = "job-announce-admin-token"  # what a job announces with
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("ray_shut_down_after")]
 
 
 @pytest.fixture(scope="module")
-def announced_run(tmp_path_factory):
-    """(config, results, service URL) of one run that announced its versions to a running service."""
-    from ray import serve
+def finished(small_run) -> SmallRun:
+    assert small_run.exit_code == 0 and small_run.served is not None, small_run.screen[-5000:]
+    return small_run
 
-    from serve.client import announcer
-    from serve.deploy import start
 
-    tmp_path = tmp_path_factory.mktemp("announced")
-    if ray.is_initialized():
-        ray.shutdown()
-    # the service's replicas reserve 1.25 CPUs; the two training workers need whole ones beside them
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        url = start(str(tmp_path / "store"), port=free_port(), token=TOKEN, admin_token=ADMIN_TOKEN)
-        assert httpx.get(f"{url}/v1/model", headers=AUTH, timeout=30).status_code == 503  # nothing published
-        cfg = small_config(tmp_path, store_url=str(tmp_path / "store"),
-                           baselines=["ncm", "linear_sequential", "joint", "ridge"])
-        yield cfg, run_experiment(cfg, on_publish=announcer(url, ADMIN_TOKEN)), url
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+def results_of(run: SmallRun) -> dict:
+    return json.loads((run.output_dir / "results.json").read_text())
 
 
 BASE, FUSED, RIDGE = "gmm[pseudo,trie+prior]", "gmm[pseudo,trie+prior+prototypes]", "gmm[pseudo,trie+prior+ridge]"
 D = 1280  # the encoder's width
 
 
-def test_incremental_run_writes_results_store_and_plot(announced_run):
+def test_incremental_run_writes_results_store_and_plot(finished):
     from gmm_model.classify import ClassifierStats
 
-    cfg, results, _ = announced_run
-    run = Path(cfg.output_dir)
+    cfg, results, run = finished.config(), results_of(finished), finished.output_dir
 
     gmm = results["methods"][BASE]
     assert [len(row) for row in gmm["task_acc"]] == [1, 2]  # a row per task, a column per seen task
@@ -108,8 +62,6 @@ def test_incremental_run_writes_results_store_and_plot(announced_run):
     for a, b in ridge["chosen"]:
         assert a in RIDGE_SCALES and min(abs(b / a - w) for w in GENERATIVE_WEIGHTS) < 1e-9
 
-    on_disk = json.loads((run / "results.json").read_text())
-    assert on_disk["methods"]["ncm"]["overall"] == results["methods"]["ncm"]["overall"]
     assert (run / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     store = ProjectionStore(cfg.store_url)
@@ -133,20 +85,10 @@ def test_incremental_run_writes_results_store_and_plot(announced_run):
     assert float(stats.ridge_head.norm()) > 0
 
 
-def served_model(url: str, version: int, timeout_s: float = 120.0) -> dict:
-    """/v1/model once `version` is served (the last announcement may still be rolling out)."""
-    deadline, model = time.monotonic() + timeout_s, {}
-    while time.monotonic() < deadline:
-        model = httpx.get(f"{url}/v1/model", headers=AUTH, timeout=30).json()
-        if model.get("version") == version:
-            break
-        time.sleep(1)
-    return model
-
-
-def test_the_job_moved_the_running_service_to_each_new_version(announced_run):
-    cfg, results, url = announced_run
-    model = served_model(url, 1)
+def test_the_job_moved_the_running_service_to_each_new_version(finished):
+    served, results = finished.served, results_of(finished)
+    assert served.status_before == 503  # the service was up before anything was published
+    model = served.model
     assert model["version"] == 1 and model["task"] == 1
     assert model["seen_classes"] == results["scenario"]["class_order"]
     assert model["rule"] == "trie+prior+ridge"
@@ -154,33 +96,23 @@ def test_the_job_moved_the_running_service_to_each_new_version(announced_run):
     assert model["metrics"]["accuracy"] == pytest.approx(results["methods"][RIDGE]["overall"][1])
 
 
-def png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(out, format="PNG")
-    return out.getvalue()
-
-
-def test_the_service_answers_each_test_image_as_the_evaluation_did(announced_run):
-    """The served classifier is the measured one: every test image of the final version, sent as a PNG, gets the
+def test_the_service_answers_each_test_image_as_the_evaluation_did(finished):
+    """The served classifier is the measured one: every test image of the final version, sent as a PNG, got the
     label the evaluation's own code gives its cached features with the version's rule and class statistics."""
-    from cil_platform.data import load_dataset
     from cil_platform.evaluation import predict
     from cil_platform.features import FeatureCache
     from gmm_model import create_encoder, create_gmm
     from gmm_model.classify import ClassifierStats
     from gmm_model.rules import Rule
 
-    cfg, _, url = announced_run
-    assert served_model(url, 1)["version"] == 1
+    cfg, served = finished.config(), finished.served
     store = ProjectionStore(cfg.store_url)
     manifest, weights = store.load(1)
     classes, rule = list(manifest.seen_classes), Rule(manifest.rule)
     stats = ClassifierStats.from_bytes(store.class_stats(manifest))
 
-    rows = load_dataset(cfg.dataset, classes=classes).test.dataset.take_all()
-    assert len(rows) == 4 * 6 and all(not row["error"] for row in rows)
+    rows = served.test_rows
+    assert len(rows) == 4 * 4 and all(not row["error"] for row in rows)
     encoder = create_encoder(cfg.stack)
     cached = FeatureCache(cfg.features_url, encoder.identity, cfg.storage.options).load_all()
     features = np.stack([cached[row["key"]] for row in rows])
@@ -188,18 +120,12 @@ def test_the_service_answers_each_test_image_as_the_evaluation_did(announced_run
     with torch.no_grad():
         found = predict(gmm, None, features, classes, cfg.eval.batch_size, [rule], stats)[rule]  # class indices
     expected = [classes[i] for i in found]
-    # the same images as the evaluation of task 1: the recomputation reproduces the accuracy it recorded
+    # the same images as the evaluation of task 2: the recomputation reproduces the accuracy it recorded
     accuracy = np.mean([label == row["label"] for label, row in zip(expected, rows)])
     assert accuracy == pytest.approx(manifest.metrics["accuracy"])
 
-    def ask(row) -> dict:
-        response = httpx.post(f"{url}/v1/classify", content=png(row["image"]), timeout=120,
-                              headers={"Content-Type": "image/png", **AUTH})
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    with ThreadPoolExecutor(4) as pool:  # concurrent, so the Captioner batches them as it would any traffic
-        answers = list(pool.map(ask, rows))
+    answers = served.answers
+    assert all(answer["status"] == 200 for answer in answers), answers
     assert {answer["version"] for answer in answers} == {1}
     assert {answer["rule"] for answer in answers} == {manifest.rule}
     mismatches = [(row["label"], answer["label"], label) for row, answer, label in zip(rows, answers, expected)
@@ -208,13 +134,13 @@ def test_the_service_answers_each_test_image_as_the_evaluation_did(announced_run
 
 
 def test_a_task_without_training_images_fails_before_touching_the_store(tmp_path):
-    cfg = small_config(tmp_path, dataset={"kind": "quickdraw", "train_per_class": 0, "test_per_class": 2})
+    cfg = small_config(tmp_path / "run", "dataset.train_per_class=0", "dataset.test_per_class=2")
     with pytest.raises(ValueError, match="no training images"):
         run_experiment(cfg)
     assert ProjectionStore(cfg.store_url).versions() == []
 
 
-def test_a_finished_run_run_again_resumes_with_nothing_to_train_and_starts_no_session(announced_run):
+def test_a_finished_run_run_again_resumes_with_nothing_to_train_and_starts_no_session(finished, tmp_path):
     """The training session starts with the first task to run: a resumed run with none left does not pay for it."""
     from cil_platform.progress import Console
 
@@ -229,9 +155,10 @@ def test_a_finished_run_run_again_resumes_with_nothing_to_train_and_starts_no_se
         def say(self, text):
             self.lines.append(text)
 
-    cfg, results, _ = announced_run
+    copy = tmp_path / "run"  # the session's run stays as it was for the other tests
+    shutil.copytree(finished.output_dir, copy)
     console = Phases()
-    again = run_experiment(cfg, console=console)
+    again = run_experiment(small_config(copy), console=console)
     assert any("2 of 2 tasks were completed" in line for line in console.lines), console.lines
     assert "features" in console.phases and "workers" not in console.phases, console.phases
-    assert again["methods"] == results["methods"]
+    assert json.loads(json.dumps(again["methods"])) == results_of(finished)["methods"]
