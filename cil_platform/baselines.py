@@ -18,21 +18,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .class_stats import ClassStatistics, pooled_rows, pooled_unit
+from .class_stats import ClassStatistics
 from .closed_form import CLOSED_FORM, Ridge
 from .features import FeatureSet, FeatureTable, key_bytes
 
 
-def embed(rows: FeatureSet | FeatureTable) -> torch.Tensor:
-    return pooled_rows(rows)
-
-
-def argmax_classes(test: FeatureSet | FeatureTable, seen: list[str], scores) -> list[str]:
-    """The best-scoring seen class of each test row (in row order), `scores(pooled unit vectors)` batch by batch."""
-    best = np.zeros(len(test), dtype=np.int64)
-    for batch in test.batches():
-        best[batch.positions] = scores(pooled_unit(batch.features)).argmax(1).numpy()
-    return [seen[i] for i in best.tolist()]
+def argmax_classes(test: FeatureSet | FeatureTable, seen: list[str], scores, chunk: int = 4096) -> list[str]:
+    """The best-scoring seen class of each test row (in row order), `scores(pooled unit vectors)` a chunk of rows
+    at a time (the scores of every row and class at once would be rows x classes floats)."""
+    x = test.pooled
+    best = [scores(x[start:start + chunk]).argmax(1) for start in range(0, len(x), chunk)]
+    return [seen[i] for i in torch.cat(best).tolist()] if best else []
 
 
 class NearestClassMean:
@@ -107,8 +103,8 @@ class LinearHead:
         data = self.seen_data if self.joint else [train]
         column = {name: i for i, name in enumerate(seen)}
         if self.joint:
-            self.embedded += [embed(t) for t in self.seen_data[len(self.embedded):]]
-        x = torch.cat(self.embedded if self.joint else [embed(train)])
+            self.embedded += [t.pooled for t in self.seen_data[len(self.embedded):]]
+        x = torch.cat(self.embedded if self.joint else [train.pooled])
         y = torch.tensor([column[str(c)] for t in data for c in t.labels])
         dim = x.shape[1]
         weight = torch.zeros(len(seen), dim)

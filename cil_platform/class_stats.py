@@ -15,26 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .features import FeatureSet, FeatureTable
+from .features import FeatureSet, FeatureTable, pooled_unit
 
 Part = Literal["mean", "std", "prototype"]
-
-
-def pooled_unit(features: np.ndarray) -> torch.Tensor:
-    """(N, T, D) tokens -> (N, D) unit-norm mean-pooled vectors (the encoder's global embedding)."""
-    return F.normalize(torch.from_numpy(features.astype(np.float32)).mean(1), dim=1)
-
-
-def pooled_rows(rows: FeatureSet | FeatureTable, batch_size: int = 1024) -> torch.Tensor:
-    """pooled_unit of every row, in row order, computed batch by batch: (N, D) float32, half the bytes of the
-    features themselves for 4 float16 tokens."""
-    out = torch.zeros(0, 0)
-    for batch in rows.batches(batch_size):
-        pooled = pooled_unit(batch.features)
-        if not out.numel():
-            out = torch.zeros(len(rows), pooled.shape[1])
-        out[torch.tensor(batch.positions)] = pooled
-    return out
 
 
 class ClassStatistics:

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .class_stats import pooled_rows
 from .features import FeatureSet, FeatureTable
 
 RIDGE_GRID = tuple(float(10.0 ** p) for p in range(-8, 9))  # RanPAC's lambda grid
@@ -114,7 +113,7 @@ class ClosedForm:
         self.weight, self.bias = torch.zeros(0, 0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
 
     def embed(self, table: FeatureTable) -> torch.Tensor:
-        return pooled_rows(table).double()
+        return table.pooled.double()
 
     def solve(self, stats: SufficientStatistics, param: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight (D, K), bias (K,)) of the classifier of `stats` with hyperparameter `param`."""

@@ -20,10 +20,12 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import ray
 import torch
+import torch.nn.functional as F
 
 from gmm_model import create_encoder
 from gmm_model.spec import ModelStack
@@ -36,8 +38,35 @@ from .feature_cache import (CacheIndex, FeatureCache, key_bytes, keys_as_bytes, 
 log = logging.getLogger(__name__)
 
 
+def pooled_unit(features: np.ndarray) -> torch.Tensor:
+    """(N, T, D) tokens -> (N, D) unit-norm mean-pooled vectors (the encoder's global embedding)."""
+    return F.normalize(torch.from_numpy(features.astype(np.float32)).mean(1), dim=1)
+
+
+def pool_rows(rows: "FeatureSet | FeatureTable", batch_size: int = 1024) -> torch.Tensor:
+    """pooled_unit of every row, in row order, computed batch by batch: (N, D) float32, half the bytes of the
+    features themselves for 4 float16 tokens."""
+    out = torch.zeros(0, 0)
+    for batch in rows.batches(batch_size):
+        pooled = pooled_unit(batch.features)
+        if not out.numel():
+            out = torch.zeros(len(rows), pooled.shape[1])
+        out[torch.tensor(batch.positions)] = pooled
+    return out
+
+
+class Pooled:
+    """A set of rows whose pooled unit vectors are read once: every baseline, the NCM and the ridge fusion classify
+    on them, so a task's rows (and its seen classes' test rows) pass through Ray Data once for all of them."""
+
+    @cached_property
+    def pooled(self) -> torch.Tensor:
+        """pool_rows of this set, computed on first use and kept with it (N x D float32); read-only."""
+        return pool_rows(self)
+
+
 @dataclass
-class FeatureTable:
+class FeatureTable(Pooled):
     """Encoder tokens of a set of images held in memory: features (N, T, D) float16, labels and content keys."""
 
     features: np.ndarray
@@ -94,7 +123,7 @@ def read_positions(dataset: ray.data.Dataset) -> tuple[np.ndarray, list[str], np
 
 
 @dataclass
-class FeatureSet:
+class FeatureSet(Pooled):
     """Cached images streamed from the cache: per image the driver holds its class code, content key and place in
     the cache (shard, row), never its features; Ray Data tasks read and verify the shards for whoever consumes them.
     Rows are in one canonical order, by class name then content key: a function of the images, not of the order the
@@ -169,7 +198,7 @@ class FeatureSet:
     def batches(self, size: int = 1024) -> Iterator[FeatureTable]:
         """Every row, streamed `size` at a time as in-memory tables, each with its rows' `positions` in this set: in
         the order the shards are read (each once), so a consumer that needs row order places rows by position
-        (class_stats.pooled_rows); the driver holds one batch at a time."""
+        (pool_rows); the driver holds one batch at a time."""
         if not len(self):
             return
         keys = self.key_bytes

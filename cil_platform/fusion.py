@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .class_stats import ClassStatistics, pooled_unit
+from .class_stats import ClassStatistics
 from .closed_form import Ridge, holdout_mask
-from .features import FeatureSet, FeatureTable
+from .features import FeatureSet, FeatureTable, pooled_unit
 
 RIDGE_SCALES = tuple(float(a) for a in np.logspace(0, 3, 13))  # a: the ridge scores' inverse temperature
 GENERATIVE_WEIGHTS = (0.0,) + tuple(float(w) for w in np.logspace(-3, 0.5, 15))  # b / a

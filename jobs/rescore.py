@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from cil_platform.class_stats import ClassStatistics, pooled_unit  # noqa: E402
+from cil_platform.class_stats import ClassStatistics  # noqa: E402
+from cil_platform.features import pooled_unit  # noqa: E402
 from cil_platform.closed_form import SharedCovariance  # noqa: E402
 from cil_platform.config import ExperimentConfig  # noqa: E402
 from cil_platform.fusion import GENERATIVE_WEIGHTS, RidgeFusion, choose_fusion  # noqa: E402

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cil_platform.baselines import LinearHead, NearestClassMean, embed, make_baseline
+from cil_platform.baselines import LinearHead, NearestClassMean, make_baseline
 from cil_platform.class_stats import ClassStatistics
 from cil_platform.features import FeatureTable
 
@@ -62,9 +62,9 @@ def run_tasks(method, train: FeatureTable, test: FeatureTable) -> list[list[str]
     return predictions
 
 
-def test_embed_averages_tokens_and_normalises(data):
+def test_pooled_averages_tokens_and_normalises(data):
     train, _ = data
-    x = embed(train)
+    x = train.pooled
     assert x.shape == (len(train), D) and x.dtype == torch.float32
     torch.testing.assert_close(x.norm(dim=1), torch.ones(len(train)))
     expected = train.features[0].astype(np.float32).mean(0)
@@ -145,6 +145,29 @@ def test_linear_head_is_deterministic_per_seed(data):
     for head in (a, b):
         head.learn(train.select(TASKS[0]), TASKS[0])
     assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+class CountedReads(FeatureTable):
+    """A table that counts the passes over its rows (over a FeatureSet, each is a Ray Data read of the cache)."""
+
+    reads = 0
+
+    def batches(self, size: int = 1024):
+        self.reads += 1
+        yield from super().batches(size)
+
+
+def test_all_baselines_together_read_a_tasks_rows_and_its_test_rows_once(data):
+    train, test = data
+    stats = ClassStatistics()
+    stats.learn(train)  # NCM's prototypes: the experiment learns them (run_task)
+    task, seen_test = (CountedReads(t.features, t.labels, t.keys) for t in (train, test))
+    for name in ("ncm", "linear_sequential", "joint", "ridge", "lda"):  # ranpac embeds as ridge does
+        baseline = make_baseline(name, stats, seed=0)
+        baseline.learn(task, CLASSES)
+        predicted = baseline.predict(seen_test, CLASSES)
+        assert accuracy(predicted, seen_test.labels) > 0.9, name  # separable: each still learns from the same rows
+    assert task.reads == seen_test.reads == 1
 
 
 def test_unknown_baseline_is_a_value_error():

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cil_platform.baselines import NearestClassMean
-from cil_platform.class_stats import ClassStatistics, pooled_unit
+from cil_platform.class_stats import ClassStatistics
+from cil_platform.features import pooled_unit
 from cil_platform.closed_form import CLOSED_FORM, RIDGE_GRID, RanPAC, Ridge, SharedCovariance, holdout_mask
 from cil_platform.features import FeatureTable
 from cil_platform.storage import open_storage

@@ -285,7 +285,7 @@ def test_a_class_without_a_decodable_training_image_is_an_error_naming_it():
 # ---------------------------------------------------------------- streamed sets: the driver holds no features
 
 def test_a_streamed_set_reads_what_was_cached_in_canonical_order_and_agrees_with_memory(ray_cluster, tmp_path):
-    from cil_platform.class_stats import ClassStatistics, pooled_rows
+    from cil_platform.class_stats import ClassStatistics
     from cil_platform.features import FeatureSet, key_bytes, read_positions
 
     cache = FeatureCache(str(tmp_path / "cache"), "enc-a")
@@ -312,7 +312,8 @@ def test_a_streamed_set_reads_what_was_cached_in_canonical_order_and_agrees_with
     np.testing.assert_array_equal(got, table.features[[1, 3, 7, 40]])
     # batches carry their positions; statistics and pooled vectors equal those of the rows held in memory
     assert sorted(p for b in streamed.batches(7) for p in b.positions.tolist()) == list(range(50))
-    np.testing.assert_allclose(pooled_rows(streamed).numpy(), pooled_rows(table).numpy(), atol=1e-6)
+    np.testing.assert_allclose(streamed.pooled.numpy(), table.pooled.numpy(), atol=1e-6)
+    assert streamed.pooled is streamed.pooled  # read once, then kept with the set
     from_stream, from_memory = ClassStatistics(), ClassStatistics()
     from_stream.learn(streamed)
     from_memory.learn(table)
