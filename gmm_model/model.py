@@ -207,6 +207,8 @@ class GMM(nn.Module):
         `first_token_prior` ((C,) log prior of each class's first token, see predict.first_token_prior)
         is subtracted at the first step only: the choice among first tokens becomes p(token | image) /
         p(token), which removes the model's standing preference for some names (the newest classes).
+        Each later step forwards only the samples still walking (their rows of the cache kept, the rest dropped):
+        most names are settled by their first token, so a batch's longest name no longer costs every sample a step.
         """
         batch = visual.shape[0]
         out, log_probs = self._answer_start(visual)
@@ -217,24 +219,29 @@ class GMM(nn.Module):
         nodes = [trie.root] * batch
         result = torch.full((batch,), -1, dtype=torch.long)
         score = torch.zeros(batch)
+        walking = list(range(batch))  # the samples still walking; row i of log_probs and the cache is walking[i]
         while True:
-            chosen = torch.full((batch,), self.tokenizer.pad_token_id, dtype=torch.long)
-            for b, node in enumerate(nodes):
-                if result[b] >= 0:
-                    continue
+            chosen = []
+            for i, b in enumerate(walking):
+                node = nodes[b]
                 allowed = list(node.children)
-                choice = log_probs[b, allowed]
+                choice = log_probs[i, allowed]
                 if root_prior and node is trie.root:
                     choice = choice - torch.tensor([root_prior[t] for t in allowed])
                 best = allowed[int(choice.argmax())]
-                chosen[b], score[b] = best, score[b] + log_probs[b, best]
+                chosen.append(best)
+                score[b] += log_probs[i, best]
                 nodes[b] = node.children[best]
                 resolved = LabelTrie.resolved(nodes[b])
                 if resolved is not None:
                     result[b] = resolved
-            if bool((result >= 0).all()):
+            rows = [i for i, b in enumerate(walking) if result[b] < 0]
+            if not rows:
                 return ConstrainedPrediction(result, score, first)
-            out = self._step(chosen, out.cache)
+            if len(rows) < len(walking):
+                out.cache.batch_select_indices(torch.tensor(rows, device=self.device))
+            walking = [walking[i] for i in rows]
+            out = self._step(torch.tensor([chosen[i] for i in rows], dtype=torch.long), out.cache)
             log_probs = out.logits[:, -1].float().log_softmax(-1).cpu()
 
 
