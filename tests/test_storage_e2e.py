@@ -14,6 +14,7 @@ from cil_platform.config import ExperimentConfig
 from cil_platform.data import DatasetConfig, load_dataset
 from cil_platform.experiment import run_experiment
 from cil_platform.storage.store import ProjectionStore
+from cil_platform.training.worker import POSITION_FILE
 from gmm_model import ModelStack
 from tests.test_datasets import png_bytes
 
@@ -69,9 +70,17 @@ def test_experiment_with_data_cache_checkpoints_and_store_on_s3(s3_bucket, tmp_p
 
     objects = s3_bucket.keys("gmm-cil")
     features = [o for o in objects if o.startswith("features/")]
-    assert len(features) == 1 and features[0].endswith(".safetensors")  # one shard: all 72 images, one pass
+    assert features and all(o.endswith(".safetensors") for o in features)  # a shard per encoder batch
+    from cil_platform.feature_cache import FeatureCache
+    from gmm_model import create_encoder
+
+    cached = FeatureCache(cfg.features_url, create_encoder(cfg.stack).identity, s3_bucket.options).load_all()
+    assert len(cached) == 72  # every image of the run (train and test), encoded once, in the cache on S3
     checkpoints = [o for o in objects if o.startswith("on-s3/ray_train/") and o.endswith("/projection.safetensors")]
-    assert any("task-000/" in c for c in checkpoints) and any("task-001/" in c for c in checkpoints)
+    positions = [o for o in objects if o.startswith("on-s3/ray_train/") and o.endswith(f"/{POSITION_FILE}")]
+    fs = s3_bucket.storage("gmm-cil").fs
+    updates = {json.loads(fs.cat_file(f"{s3_bucket.name}/gmm-cil/{o}"))["update"] for o in positions}
+    assert checkpoints and "task-001" in updates  # the session's checkpoints, each naming its update, on S3
 
     # the report: on the driver's disk, and beside the store on S3 (without the storage credentials)
     local = json.loads((tmp_path / "run" / "results.json").read_text())
