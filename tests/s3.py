@@ -7,13 +7,13 @@ metadata endpoint). No region is passed to s3fs: with one, moto's bucket creatio
 """
 from __future__ import annotations
 
-import socket
 import uuid
 from dataclasses import dataclass
 
 import pytest
 
 from cil_platform.storage import Storage, open_storage
+from tests.ray_cluster import free_port
 
 CREDENTIALS = {"key": "testing", "secret": "testing"}
 
@@ -40,12 +40,6 @@ class S3Bucket:
         fs.invalidate_cache()
         root = "/".join([self.name, *parts])
         return sorted(path[len(root) + 1:] for path in fs.find(root))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,10 @@ running it must reproduce)."""
 from __future__ import annotations
 
 import fcntl
-import io
 import os
 import pty
 import select
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -25,6 +23,8 @@ from typing import Iterator
 
 import httpx
 import numpy as np
+
+from tests.ray_cluster import free_port
 
 GMM_CIL = Path(sys.executable).with_name("gmm-cil")
 
@@ -80,12 +80,6 @@ def on_a_terminal(argv: list[str], cwd: Path, timeout: float, env: dict | None =
     return process.wait(timeout=60), b"".join(chunks).decode("utf-8", "replace")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def a_service(store: Path, log: Path, timeout: float = 600) -> Iterator[str]:
     """`gmm-cil serve` of `store` on a local Ray of its own, with an API and an admin token: its URL while it is up.
@@ -134,14 +128,6 @@ def served_model(url: str, version: int, timeout_s: float = 120.0) -> dict:
     return model
 
 
-def png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(out, format="PNG")
-    return out.getvalue()
-
-
 @dataclass(frozen=True)
 class Served:
     """What the service said: before anything was published, once the last version was served, and to every test
@@ -155,13 +141,15 @@ class Served:
 
 def ask_the_service(url: str, output_dir: Path, version: int) -> tuple[dict, list[dict], list[dict]]:
     from cil_platform.data import load_dataset
+    from tests.test_datasets import png_bytes
 
     model = served_model(url, version)
     cfg = small_config(output_dir)
     rows = load_dataset(cfg.dataset, classes=model.get("seen_classes") or []).test.dataset.take_all()
 
     def ask(row) -> dict:
-        response = httpx.post(f"{url}/v1/classify", content=png(row["image"]), timeout=120,
+        image = png_bytes(np.asarray(row["image"], dtype=np.uint8))
+        response = httpx.post(f"{url}/v1/classify", content=image, timeout=120,
                               headers={"Content-Type": "image/png", **AUTH})
         return {"status": response.status_code, **(response.json() if response.status_code == 200 else
                                                    {"text": response.text})}

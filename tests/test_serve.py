@@ -15,7 +15,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ from cil_platform.storage.store import ProjectionStore
 from gmm_model import ModelStack, Projection
 from gmm_model.classify import ClassifierStats
 from serve.settings import CaptionerConfig
+from tests.ray_cluster import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -91,12 +91,6 @@ def publish(store: ProjectionStore, version: int, fingerprint: str = FINGERPRINT
     stats = class_stats(version)
     return store.publish(version, weights(100 + version), CLASSES[version], fingerprint, rule=rule_of(version),
                          class_stats=stats.to_bytes() if rule_of(version) != "trie" else None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
