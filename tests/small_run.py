@@ -40,6 +40,7 @@ OVERRIDES = ["name=small-run", "seed=7", "dataset.train_per_class=16", "dataset.
 TOKEN = "client-api-token"
 ADMIN_TOKEN = "job-announce-admin-token"  # what the job announces with
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+READY = "GMM-CIL serving at"  # what `gmm-cil serve` prints once it answers (serve/launch.py)
 OFFLINE = {"HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
@@ -97,11 +98,10 @@ def a_service(store: Path, log: Path, timeout: float = 600) -> Iterator[str]:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"gmm-cil serve did not come up (exit {process.poll()}): "
                                    f"{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+            # `serving at` is printed once every deployment is RUNNING; /healthz alone is the Ingress, which can
+            # answer while the Captioner is still loading its models (a /v1/model then waits for it)
+            if READY in log.read_text():
+                break
             time.sleep(1)
         yield url
     finally:
