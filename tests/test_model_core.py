@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import unicodedata
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -336,3 +337,23 @@ def test_prepare_llm_never_publishes_an_incomplete_copy(tmp_path, monkeypatch):
     assert source.location == str(target) and (target / "config.json").is_file()
     assert list(target.glob("*.safetensors"))
     assert LlamaForCausalLM.from_pretrained(target).config.hidden_size == 16  # the copy that was published
+
+
+def test_a_gguf_is_parsed_once_per_de_quantisation_and_gguf_is_left_as_it_was():
+    """prepare_llm's load reads the GGUF three times through transformers; within _gguf_parsed_once each read
+    of the same file is the same parsed reader (and the tensor-name map is built once), and afterwards gguf's own
+    functions are back (the de-quantised weights were compared bit for bit once: docs/results.md, session 10)."""
+    import gguf
+
+    from gmm_model.llm import _gguf_parsed_once
+
+    source = resolve_llm_source(ModelStack().llm)
+    gguf_path = str(Path(source.location) / source.gguf_file)
+    original_reader, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _gguf_parsed_once():
+        first = gguf.GGUFReader(gguf_path)
+        assert gguf.GGUFReader(gguf_path) is first and len(first.tensors) == 272
+        arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == "llama")
+        assert gguf.get_tensor_name_map(arch, 30) is gguf.get_tensor_name_map(arch, 30)
+    assert gguf.GGUFReader is original_reader and gguf.get_tensor_name_map is original_map
+    assert gguf.GGUFReader(gguf_path) is not first
