@@ -25,6 +25,7 @@ accuracy ridge 45.7 %, ranpac 45.1 %, lda 46.3 % against ncm 38.6 % and joint 44
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -119,6 +120,10 @@ class ClosedForm:
         """(weight (D, K), bias (K,)) of the classifier of `stats` with hyperparameter `param`."""
         raise NotImplementedError
 
+    def solve_grid(self, stats: SufficientStatistics) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`solve(stats, p)` for every p of the grid, in grid order (what `choose` compares)."""
+        return (self.solve(stats, param) for param in self.grid)
+
     def loss(self, scores: torch.Tensor, targets: torch.Tensor) -> float:
         """Held-out loss of scores (N, K) for true columns `targets` (lower is better)."""
         raise NotImplementedError
@@ -133,7 +138,7 @@ class ClosedForm:
             return self.chosen[-1] if self.chosen else self.grid[len(self.grid) // 2]
         fit = self.without(x, labels, held)
         x_held, targets = x[torch.from_numpy(held)], fit.targets(labels[held])
-        losses = [self.loss(x_held @ w + b, targets) for w, b in (self.solve(fit, p) for p in self.grid)]
+        losses = [self.loss(x_held @ w + b, targets) for w, b in self.solve_grid(fit)]
         return self.grid[int(np.argmin(losses))]
 
     def without(self, x: torch.Tensor, labels: np.ndarray, held: np.ndarray) -> SufficientStatistics:
@@ -179,9 +184,20 @@ class Ridge(ClosedForm):
     grid = RIDGE_GRID
 
     def solve(self, stats, param):
-        gram = torch.from_numpy(stats.gram)
-        weight = solve_spd(gram + param * torch.eye(len(gram), dtype=gram.dtype), torch.from_numpy(stats.sums).T)
+        gram = torch.from_numpy(stats.gram).clone()
+        gram.diagonal().add_(param)  # G + lambda I, without a D x D identity
+        weight = solve_spd(gram, torch.from_numpy(stats.sums).T)
         return weight, torch.zeros(weight.shape[1], dtype=weight.dtype)
+
+    def solve_grid(self, stats):
+        """Every lambda from one eigendecomposition G = V diag(e) V^T: W = V diag(1 / (e + lambda)) V^T C. At
+        RanPAC's M = 2048 its 17 values took 1.4 s against 2.7 s for 17 Cholesky solves (2 threads); both solvers
+        are backward stable, so they agree up to the system's conditioning (tests/test_platform_closed_form.py)."""
+        values, vectors = torch.linalg.eigh(torch.from_numpy(stats.gram))
+        rotated = vectors.T @ torch.from_numpy(stats.sums).T
+        for param in self.grid:
+            weight = vectors @ (rotated / (values + param)[:, None])
+            yield weight, torch.zeros(weight.shape[1], dtype=weight.dtype)
 
     def loss(self, scores, targets):
         return float(F.mse_loss(scores, F.one_hot(targets, scores.shape[1]).double()))

@@ -222,3 +222,21 @@ def test_registered_as_baselines_of_the_experiment():
         made = make_baseline(name, ClassStatistics(), seed=7)
         assert isinstance(made, kind) and made.name == name and made.seed == 7
     assert ExperimentConfig(baselines=["ridge", "ranpac", "lda"]).baselines == ["ridge", "ranpac", "lda"]
+
+
+@pytest.mark.parametrize("name", ["ridge", "ranpac", "lda"])
+def test_the_grid_solved_at_once_equals_each_value_solved_alone(name, data):
+    """`choose` compares solve_grid's classifiers (ridge: one eigendecomposition for every lambda); each must be
+    the one `solve` fits for that value, at every lambda from 1e-8 to 1e8, up to what the system's conditioning
+    allows two backward-stable solvers to differ by (ranpac's 64-d expansion is nearly singular at small lambda)."""
+    train, _ = data
+    method = make(name)
+    method.learn(train.select(TASKS[0]), TASKS[0])
+    gram = torch.from_numpy(method.stats.gram)
+    for param, (weight, bias) in zip(method.grid, method.solve_grid(method.stats), strict=True):
+        alone, alone_bias = method.solve(method.stats, param)
+        scale = float(alone.abs().max())
+        condition = float(torch.linalg.cond(gram + param * torch.eye(len(gram), dtype=gram.dtype))) if (
+            name != "lda") else 1.0
+        torch.testing.assert_close(weight, alone, atol=1e-12 * condition * scale + 1e-12, rtol=0)
+        torch.testing.assert_close(bias, alone_bias, atol=1e-9 * max(scale, 1.0), rtol=0)
